@@ -1,0 +1,296 @@
+r"""NNGP and NTK kernels of fully-connected networks, composed stax-style.
+
+A network is described by composing layers::
+
+    kernel_fn = serial(Dense(2.0, 0.1), Relu(), Dense(2.0, 0.1), Erf(), Dense(1.0, 0.0))
+    K = kernel_fn(x1, x2)                       # NNGP, (..., n1, n2)
+    K, Theta = kernel_fn(x1, x2, get=("nngp", "ntk"))
+    k_diag = kernel_fn(x1, diag=True)           # (..., n1) in O(n1 d)
+
+Conventions (NTK parameterisation, as in neural-tangents): the input enters as
+:math:`K_0(x, x') = x \cdot x' / d`. ``Dense(weight_var, bias_var)`` maps
+:math:`K \mapsto \sigma_b^2 + \sigma_w^2 K` and
+:math:`\Theta \mapsto K_{new} + \sigma_w^2 \Theta`; an activation :math:`\phi` maps
+:math:`K \mapsto E[\phi(u)\phi(v)]` and :math:`\Theta \mapsto E[\phi'(u)\phi'(v)]\,\Theta`
+with :math:`(u, v) \sim \mathcal N(0, K)`.
+
+Every layer acts elementwise on (cross covariance, variance of x, variance of
+x'), so the same closed forms serve the dense path here and the KeOps path.
+The closed forms live in pure functions (:func:`relu_expectations`,
+:func:`erf_expectations`) that only use arithmetic, ``sqrt``, ``clamp`` and
+inverse trigonometric functions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..linalg import check_tensor
+
+__all__ = [
+    "KernelState",
+    "Layer",
+    "Dense",
+    "Relu",
+    "Erf",
+    "serial",
+    "NNGPKernelFn",
+    "relu_expectations",
+    "erf_expectations",
+    "clamp_eps",
+]
+
+
+def clamp_eps(dtype: torch.dtype) -> float:
+    """Margin keeping arccos/arcsin arguments inside (-1, 1), where their
+    derivatives are finite."""
+    return 1e-12 if dtype == torch.float64 else 1e-6
+
+
+# --------------------------------------------------------------------------
+# Pure closed forms
+# --------------------------------------------------------------------------
+def relu_expectations(k12: Tensor, k11: Tensor, k22: Tensor) -> tuple[Tensor, Tensor]:
+    r"""ReLU (arc-cosine, order 1) Gaussian expectations for :math:`(u,v)\sim\mathcal N(0,K)`.
+
+    .. math::
+        E[\mathrm{relu}(u)\mathrm{relu}(v)] = \frac{\sqrt{k_{11}k_{22}}}{2\pi}
+            (\sin\theta + (\pi-\theta)\cos\theta),\qquad
+        E[\mathrm{relu}'(u)\mathrm{relu}'(v)] = \frac{\pi-\theta}{2\pi},
+
+    with :math:`\theta = \arccos(k_{12}/\sqrt{k_{11}k_{22}})` (argument clamped).
+    Shapes broadcast. Returns ``(cov, dot)``.
+    """
+    eps = clamp_eps(k12.dtype)
+    norm = (k11 * k22).clamp_min(torch.finfo(k12.dtype).tiny).sqrt()
+    cos = (k12 / norm).clamp(-1 + eps, 1 - eps)
+    theta = torch.acos(cos)
+    cov = norm / (2 * math.pi) * (torch.sin(theta) + (math.pi - theta) * cos)
+    dot = (math.pi - theta) / (2 * math.pi)
+    return cov, dot
+
+
+def relu_diag(k: Tensor) -> tuple[Tensor, Tensor]:
+    """Diagonal of :func:`relu_expectations` (u = v): ``(k / 2, 1 / 2)``."""
+    return 0.5 * k, torch.full_like(k, 0.5)
+
+
+def erf_expectations(k12: Tensor, k11: Tensor, k22: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Erf Gaussian expectations (Williams 1997) for :math:`(u,v)\sim\mathcal N(0,K)`.
+
+    .. math::
+        E[\mathrm{erf}(u)\mathrm{erf}(v)] = \frac{2}{\pi}\arcsin
+            \frac{2k_{12}}{\sqrt{(1+2k_{11})(1+2k_{22})}},\qquad
+        E[\mathrm{erf}'(u)\mathrm{erf}'(v)] = \frac{4}{\pi}
+            \left[(1+2k_{11})(1+2k_{22}) - 4k_{12}^2\right]^{-1/2}.
+
+    Returns ``(cov, dot)``.
+    """
+    eps = clamp_eps(k12.dtype)
+    a = (1 + 2 * k11) * (1 + 2 * k22)
+    s = (2 * k12 / a.sqrt()).clamp(-1 + eps, 1 - eps)
+    cov = (2 / math.pi) * torch.asin(s)
+    # a - 4 k12^2 = a (1 - s^2) >= a * eps > 0
+    dot = (4 / math.pi) / (a * (1 - s * s)).sqrt()
+    return cov, dot
+
+
+def erf_diag(k: Tensor) -> tuple[Tensor, Tensor]:
+    """Diagonal of :func:`erf_expectations`."""
+    cov = (2 / math.pi) * torch.asin(2 * k / (1 + 2 * k))
+    dot = (4 / math.pi) / (1 + 4 * k).sqrt()
+    return cov, dot
+
+
+# --------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------
+@dataclass
+class KernelState:
+    """Kernel quantities flowing through a network description.
+
+    Attributes:
+        cov: NNGP covariance, ``(..., n1, n2)``, or ``(..., n1)`` when ``diag``.
+        var1: variances at ``x1``, ``(..., n1)``.
+        var2: variances at ``x2``, ``(..., n2)`` (equal to ``var1`` when ``diag``).
+        ntk: NTK, same shape as ``cov``.
+        diag: whether only the diagonal is tracked.
+    """
+
+    cov: Tensor
+    var1: Tensor
+    var2: Tensor
+    ntk: Tensor
+    diag: bool = False
+
+
+class Layer:
+    """A layer maps a :class:`KernelState` to the next one."""
+
+    def apply(self, state: KernelState) -> KernelState:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _as_variance(value, name: str, *, allow_zero: bool):
+    if isinstance(value, Tensor):
+        if value.numel() != 1 and value.dim() > 0:
+            # batched hyper-parameters are allowed; they broadcast against (..., n1, n2)
+            pass
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{name} must be finite, got {value}")
+        bad = (value < 0).any() if allow_zero else (value <= 0).any()
+        if bool(bad):
+            raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, "
+                             f"got {value.detach().cpu().numpy()}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'} and "
+                         f"finite, got {value}")
+    return value
+
+
+class Dense(Layer):
+    r"""Fully-connected layer in NTK parameterisation,
+    :math:`z = \sigma_w W x / \sqrt{n} + \sigma_b b`, :math:`W, b \sim \mathcal N(0, 1)`.
+
+    Args:
+        weight_var: :math:`\sigma_w^2 > 0` (float or scalar/broadcastable tensor).
+        bias_var: :math:`\sigma_b^2 \ge 0`.
+    """
+
+    def __init__(self, weight_var=1.0, bias_var=0.0):
+        self.weight_var = _as_variance(weight_var, "weight_var", allow_zero=False)
+        self.bias_var = _as_variance(bias_var, "bias_var", allow_zero=True)
+
+    def apply(self, state: KernelState) -> KernelState:
+        w, b = self.weight_var, self.bias_var
+        cov = b + w * state.cov
+        ntk = cov + w * state.ntk
+        var1 = b + w * state.var1
+        var2 = var1 if state.diag else b + w * state.var2
+        return replace(state, cov=cov, var1=var1, var2=var2, ntk=ntk)
+
+    def __repr__(self) -> str:
+        return f"Dense(weight_var={self.weight_var}, bias_var={self.bias_var})"
+
+
+class _Activation(Layer):
+    def _cross(self, k12, k11, k22):
+        raise NotImplementedError
+
+    def _diag(self, k):
+        raise NotImplementedError
+
+    def apply(self, state: KernelState) -> KernelState:
+        v1, d1 = self._diag(state.var1)
+        if state.diag:
+            return KernelState(cov=v1, var1=v1, var2=v1, ntk=d1 * state.ntk, diag=True)
+        v2, _ = self._diag(state.var2)
+        cov, dot = self._cross(state.cov, state.var1[..., :, None], state.var2[..., None, :])
+        return KernelState(cov=cov, var1=v1, var2=v2, ntk=dot * state.ntk, diag=False)
+
+
+class Relu(_Activation):
+    """ReLU activation (arc-cosine kernel of order 1)."""
+
+    def _cross(self, k12, k11, k22):
+        return relu_expectations(k12, k11, k22)
+
+    def _diag(self, k):
+        return relu_diag(k)
+
+
+class Erf(_Activation):
+    """Error-function activation (Williams' closed form)."""
+
+    def _cross(self, k12, k11, k22):
+        return erf_expectations(k12, k11, k22)
+
+    def _diag(self, k):
+        return erf_diag(k)
+
+
+_GET = ("nngp", "ntk")
+
+
+class NNGPKernelFn:
+    """The kernel function of a network description; build it with :func:`serial`.
+
+    Call as ``kernel_fn(x1, x2=None, *, get="nngp", diag=False)``:
+
+    Args:
+        x1: ``(..., n1, d)`` inputs (floating point, finite).
+        x2: ``(..., n2, d)`` inputs, default ``x1``. Batch dimensions broadcast.
+        get: ``"nngp"``, ``"ntk"`` or a tuple of both (then a tuple is returned).
+        diag: return only ``k(x1_i, x1_i)``, shape ``(..., n1)``, in O(n1 d).
+    """
+
+    def __init__(self, layers: Sequence[Layer]):
+        layers = list(layers)
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"layer {i} must be a pyro_dkm.kernels.nngp.Layer "
+                                f"(Dense, Relu, Erf, ...), got {type(layer).__name__}")
+        self.layers = layers
+
+    def __repr__(self) -> str:
+        return f"serial({', '.join(map(repr, self.layers))})"
+
+    def initial_state(self, x1: Tensor, x2: Tensor | None = None, *, diag: bool = False
+                      ) -> KernelState:
+        """The input-layer state :math:`K_0 = x\\cdot x'/d`, :math:`\\Theta_0 = 0`."""
+        check_tensor(x1, "x1", min_ndim=2)
+        d = x1.shape[-1]
+        if d == 0:
+            raise ValueError("x1 must have at least one feature (last dimension), got 0")
+        var1 = x1.pow(2).sum(-1) / d
+        if diag:
+            if x2 is not None and x2 is not x1:
+                raise ValueError("diag=True computes k(x1_i, x1_i); pass x2=None")
+            return KernelState(cov=var1, var1=var1, var2=var1, ntk=torch.zeros_like(var1),
+                               diag=True)
+        if x2 is None:
+            x2 = x1
+        else:
+            check_tensor(x2, "x2", min_ndim=2)
+            if x2.shape[-1] != d:
+                raise ValueError(f"x1 and x2 must have the same number of features (last "
+                                 f"dimension), got {d} and {x2.shape[-1]}")
+            if x2.dtype != x1.dtype:
+                raise TypeError(f"x1 and x2 must have the same dtype, got {x1.dtype} and "
+                                f"{x2.dtype}")
+        var2 = x2.pow(2).sum(-1) / d
+        cov = x1 @ x2.mT / d
+        return KernelState(cov=cov, var1=var1, var2=var2, ntk=torch.zeros_like(cov))
+
+    def apply(self, state: KernelState) -> KernelState:
+        for layer in self.layers:
+            state = layer.apply(state)
+        return state
+
+    def __call__(self, x1: Tensor, x2: Tensor | None = None, *, get="nngp", diag: bool = False):
+        names = (get,) if isinstance(get, str) else tuple(get)
+        for g in names:
+            if g not in _GET:
+                raise ValueError(f"get must be 'nngp', 'ntk' or a tuple of them, got {get!r}")
+        state = self.apply(self.initial_state(x1, x2, diag=diag))
+        out = tuple(state.cov if g == "nngp" else state.ntk for g in names)
+        return out[0] if isinstance(get, str) else out
+
+
+def serial(*layers: Layer) -> NNGPKernelFn:
+    """Compose layers into a kernel function (first layer applied first)."""
+    if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
+        layers = tuple(layers[0])
+    return NNGPKernelFn(layers)

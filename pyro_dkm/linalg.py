@@ -1,0 +1,270 @@
+"""Numerically careful dense linear algebra for GP and DKM computations.
+
+Everything here is batched over leading dimensions, takes its dtype and device
+from its inputs, and never changes torch's global defaults.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NotPositiveDefiniteError",
+    "check_tensor",
+    "cholesky",
+    "solve_tril",
+    "cholesky_solve",
+    "logdet_from_tril",
+    "trace_inv_quad",
+    "kl_zero_mean_gaussians",
+    "kl_zero_mean_gaussians_taylor",
+    "symmetrize",
+]
+
+
+class NotPositiveDefiniteError(torch.linalg.LinAlgError):
+    """A matrix stayed non-positive-definite after the largest jitter we try.
+
+    Subclasses ``torch.linalg.LinAlgError``, so code that already catches
+    torch's Cholesky failure keeps working.
+    """
+
+    def __init__(self, name: str, size: int, jitters: list[float], batch_failed: int = 1):
+        self.name = name
+        self.size = size
+        self.jitters = list(jitters)
+        tried = ", ".join(f"{j:.1e}" for j in jitters) if jitters else "none"
+        msg = (
+            f"{name} ({size} x {size}) is not positive definite: the Cholesky factorisation "
+            f"failed for {batch_failed} matrix(es) in the batch even with jitter "
+            f"(absolute, added to the diagonal) {tried}. Check it for negative eigenvalues, "
+            f"NaNs or a float32 condition number beyond ~1e7."
+        )
+        super().__init__(msg)
+
+
+def check_tensor(
+    x,
+    name: str,
+    *,
+    ndim: int | None = None,
+    min_ndim: int | None = None,
+    floating: bool = True,
+    finite: bool = True,
+) -> Tensor:
+    """Validate a tensor argument and return it.
+
+    Raises ``TypeError`` when ``x`` is not a tensor or (with ``floating``) not a
+    floating-point tensor, and ``ValueError`` on a wrong number of dimensions or
+    NaN/inf entries; every message names the argument.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if floating and not x.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float32 or float64), got dtype {x.dtype}; "
+            f"convert it with .double()"
+        )
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(x.shape)}")
+    if min_ndim is not None and x.dim() < min_ndim:
+        raise ValueError(
+            f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(x.shape)}"
+        )
+    if finite and not torch.isfinite(x).all():
+        n_bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} contains {n_bad} NaN or infinite value(s)")
+    return x
+
+
+def _check_square(A: Tensor, name: str) -> None:
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"{name} must be a (batch of) square matrices (..., n, n), got shape "
+                         f"{tuple(A.shape)}")
+
+
+def symmetrize(A: Tensor) -> Tensor:
+    """(A + A^T) / 2 over the last two dimensions."""
+    return 0.5 * (A + A.transpose(-1, -2))
+
+
+def _default_jitter(dtype: torch.dtype) -> float:
+    # Relative to the mean diagonal: a few hundred machine epsilons.
+    return 1e-10 if dtype == torch.float64 else 1e-6
+
+
+def cholesky(
+    A: Tensor,
+    *,
+    jitter: float | None = None,
+    max_tries: int = 6,
+    growth: float = 10.0,
+    name: str = "A",
+    check: bool = True,
+) -> Tensor:
+    r"""Lower Cholesky factor of a (batch of) symmetric PSD matrices, adding
+    jitter only where it is needed.
+
+    First tries the plain factorisation. Matrices of the batch that fail get
+    :math:`\epsilon_k \bar{a} I` added, with :math:`\bar{a}` the mean of their
+    diagonal and :math:`\epsilon_k = \text{jitter}\cdot\text{growth}^k`,
+    for ``k = 0 .. max_tries - 1``. Matrices that factorise on the first try are
+    returned untouched.
+
+    Args:
+        A: ``(..., n, n)`` symmetric matrices (float32/float64).
+        jitter: first relative jitter; default ``1e-10`` for float64, ``1e-6``
+            for float32.
+        max_tries: number of escalating jitters before giving up.
+        growth: factor between successive jitters.
+        name: how error messages call ``A``.
+        check: validate dtype/shape/finiteness of ``A``.
+
+    Returns:
+        ``L`` with ``L @ L.mT ~= A + jitter I``, shape ``(..., n, n)``.
+
+    Raises:
+        NotPositiveDefiniteError: still failing after ``max_tries`` jitters.
+    """
+    if check:
+        check_tensor(A, name, min_ndim=2)
+        _check_square(A, name)
+    n = A.shape[-1]
+    if n == 0:
+        return A.clone()
+    L, info = torch.linalg.cholesky_ex(A)
+    if not bool((info > 0).any()):
+        return L
+    jitter = _default_jitter(A.dtype) if jitter is None else float(jitter)
+    if jitter <= 0:
+        raise ValueError(f"jitter must be positive, got {jitter}")
+    diag_mean = A.diagonal(dim1=-2, dim2=-1).abs().mean(-1)  # (...)
+    diag_mean = torch.where(diag_mean > 0, diag_mean, torch.ones_like(diag_mean))
+    eye = torch.eye(n, dtype=A.dtype, device=A.device)
+    failed = info > 0  # (...)
+    tried = []
+    for k in range(max_tries):
+        eps = jitter * growth**k
+        tried.append(eps)
+        A_j = A + (eps * diag_mean.detach())[..., None, None] * eye
+        L_j, info_j = torch.linalg.cholesky_ex(A_j)
+        # Take the new factor only for matrices that failed so far.
+        L = torch.where(failed[..., None, None], L_j, L)
+        failed = failed & (info_j > 0)
+        if not bool(failed.any()):
+            return L
+    abs_jitters = [e * float(diag_mean.detach().max()) for e in tried]
+    raise NotPositiveDefiniteError(name, n, abs_jitters, int(failed.sum()))
+
+
+def solve_tril(L: Tensor, B: Tensor, *, transpose: bool = False) -> Tensor:
+    """Solve ``L X = B`` (or ``L^T X = B`` with ``transpose``) for lower-triangular ``L``."""
+    if transpose:
+        return torch.linalg.solve_triangular(L.mT, B, upper=True)
+    return torch.linalg.solve_triangular(L, B, upper=False)
+
+
+def cholesky_solve(L: Tensor, B: Tensor) -> Tensor:
+    """Solve ``A X = B`` given the lower Cholesky factor ``L`` of ``A``."""
+    return torch.cholesky_solve(B, L, upper=False)
+
+
+def logdet_from_tril(L: Tensor) -> Tensor:
+    """``log det(L L^T)`` from a lower-triangular factor, shape ``(...)``."""
+    return 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+
+def trace_inv_quad(L_K: Tensor, B: Tensor) -> Tensor:
+    """``tr(K^-1 B B^T) = ||L_K^-1 B||_F^2`` for ``K = L_K L_K^T``."""
+    return solve_tril(L_K, B).pow(2).sum((-1, -2))
+
+
+def kl_zero_mean_gaussians(
+    G: Tensor,
+    K: Tensor,
+    *,
+    G_tril: Tensor | None = None,
+    K_tril: Tensor | None = None,
+) -> Tensor:
+    r"""KL divergence between zero-mean Gaussians,
+
+    .. math:: \mathrm{KL}(\mathcal N(0, G)\,\|\,\mathcal N(0, K))
+              = \tfrac12\left[\operatorname{tr}(K^{-1}G) - \log\det(K^{-1}G) - P\right],
+
+    computed with Cholesky factors (``tr(K^-1 G) = ||L_K^-1 L_G||_F^2``).
+
+    Args:
+        G: ``(..., P, P)`` covariance of the first Gaussian (may be ``None`` if
+            ``G_tril`` is given).
+        K: ``(..., P, P)`` covariance of the second (may be ``None`` if
+            ``K_tril`` is given).
+        G_tril, K_tril: optional precomputed lower Cholesky factors, used instead of
+            factorising ``G``/``K`` (a learned Gram parameterised by its factor
+            passes it here and skips a factorisation).
+
+    Returns:
+        ``(...)`` KL values, batch dimensions broadcast.
+    """
+    if G_tril is None:
+        G_tril = cholesky(G, name="G")
+    if K_tril is None:
+        K_tril = cholesky(K, name="K")
+    if G_tril.shape[-1] != K_tril.shape[-1]:
+        raise ValueError(
+            f"G and K must have the same size, got {G_tril.shape[-1]} and {K_tril.shape[-1]}"
+        )
+    P = G_tril.shape[-1]
+    batch = torch.broadcast_shapes(G_tril.shape[:-2], K_tril.shape[:-2])
+    K_b = K_tril.expand(batch + K_tril.shape[-2:])
+    G_b = G_tril.expand(batch + G_tril.shape[-2:])
+    trace = trace_inv_quad(K_b, G_b)
+    return 0.5 * (trace - P + logdet_from_tril(K_tril) - logdet_from_tril(G_tril))
+
+
+def kl_zero_mean_gaussians_taylor(
+    G: Tensor,
+    K: Tensor,
+    *,
+    G_tril: Tensor | None = None,
+) -> Tensor:
+    r"""Second-order (Taylor) approximation of :func:`kl_zero_mean_gaussians`,
+
+    .. math:: \mathrm{KL} \approx \tfrac14 \operatorname{tr}\big[(G^{-1}K - I)^2\big]
+              = \tfrac14 \| L_G^{-1} K L_G^{-T} - I \|_F^2 ,
+
+    with :math:`G = L_G L_G^T`. It is exact to second order in :math:`K - G`,
+    needs no log-determinant, and stays finite and smooth when :math:`G` is
+    badly conditioned, which makes it a useful regulariser for small ``nu``.
+
+    The whitened (symmetric) form equals :math:`\operatorname{tr}[(G^{-1}K-I)^2]`,
+    the sum of squared eigenvalues of :math:`G^{-1}K - I`; it is never larger than
+    the unsymmetrised :math:`\|G^{-1}K - I\|_F^2` and equals it when ``G`` and
+    ``K`` commute (see ``docs/numerics.md``).
+    """
+    if G_tril is None:
+        G_tril = cholesky(G, name="G")
+    P = G_tril.shape[-1]
+    batch = torch.broadcast_shapes(G_tril.shape[:-2], K.shape[:-2])
+    L = G_tril.expand(batch + G_tril.shape[-2:])
+    A = solve_tril(L, K.expand(batch + K.shape[-2:]))  # L^-1 K
+    M = solve_tril(L, A.mT)  # L^-1 K L^-T  (symmetric)
+    eye = torch.eye(P, dtype=M.dtype, device=M.device)
+    return 0.25 * (M - eye).pow(2).sum((-1, -2))
+
+
+def gaussian_log_marginal(L: Tensor, y: Tensor) -> Tensor:
+    r"""``log N(y | 0, K)`` from the Cholesky factor ``L`` of ``K``.
+
+    Args:
+        L: ``(..., n, n)``.
+        y: ``(..., n)``.
+    """
+    n = y.shape[-1]
+    alpha = solve_tril(L, y.unsqueeze(-1)).squeeze(-1)
+    return -0.5 * alpha.pow(2).sum(-1) - 0.5 * logdet_from_tril(L) - 0.5 * n * math.log(2 * math.pi)
+
+
+__all__.append("gaussian_log_marginal")
