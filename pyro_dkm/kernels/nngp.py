@@ -17,8 +17,8 @@ with :math:`(u, v) \sim \mathcal N(0, K)`.
 Every layer acts elementwise on (cross covariance, variance of x, variance of
 x'), so the same closed forms serve the dense path here and the KeOps path.
 The closed forms live in pure functions (:func:`relu_expectations`,
-:func:`erf_expectations`) that only use arithmetic, ``sqrt``, ``clamp`` and
-inverse trigonometric functions.
+:func:`erf_expectations`) that only use arithmetic, ``sqrt``, ``clamp``/``max``,
+``atan2`` and ``asin``.
 """
 
 from __future__ import annotations
@@ -59,18 +59,28 @@ def relu_expectations(k12: Tensor, k11: Tensor, k22: Tensor) -> tuple[Tensor, Te
     r"""ReLU (arc-cosine, order 1) Gaussian expectations for :math:`(u,v)\sim\mathcal N(0,K)`.
 
     .. math::
-        E[\mathrm{relu}(u)\mathrm{relu}(v)] = \frac{\sqrt{k_{11}k_{22}}}{2\pi}
-            (\sin\theta + (\pi-\theta)\cos\theta),\qquad
+        E[\mathrm{relu}(u)\mathrm{relu}(v)] = \frac{1}{2\pi}
+            \left(s + (\pi-\theta)\,k_{12}\right),\qquad
         E[\mathrm{relu}'(u)\mathrm{relu}'(v)] = \frac{\pi-\theta}{2\pi},
 
-    with :math:`\theta = \arccos(k_{12}/\sqrt{k_{11}k_{22}})` (argument clamped).
+    with :math:`s = \sqrt{k_{11}k_{22} - k_{12}^2}` and
+    :math:`\theta = \operatorname{atan2}(s, k_{12}) = \arccos(k_{12}/\sqrt{k_{11}k_{22}})`.
+
+    The atan2 form avoids :math:`\arccos` of a clamped cosine (whose derivative
+    is infinite at 1). ``s^2`` is floored at its rounding level
+    :math:`\epsilon k_{11}k_{22}`, so gradients stay finite and equal their limits
+    at coincident points (:math:`\partial/\partial k_{12} = (\pi-\theta)/2\pi`),
+    at a cost of at most :math:`\sqrt{\epsilon}/2\pi` relative error for
+    duplicated inputs (the exact diagonal of ``K(X, X)`` is filled in separately).
     Shapes broadcast. Returns ``(cov, dot)``.
     """
-    eps = clamp_eps(k12.dtype)
-    norm = (k11 * k22).clamp_min(torch.finfo(k12.dtype).tiny).sqrt()
-    cos = (k12 / norm).clamp(-1 + eps, 1 - eps)
-    theta = torch.acos(cos)
-    cov = norm / (2 * math.pi) * (torch.sin(theta) + (math.pi - theta) * cos)
+    prod = k11 * k22
+    # s^2 = k11 k22 - k12^2 carries a rounding error of ~eps * k11 k22; below that
+    # level it is noise, so floor it there (a zero gradient instead of a huge noisy one).
+    floor = (prod * torch.finfo(k12.dtype).eps).clamp_min(torch.finfo(k12.dtype).tiny)
+    s = torch.maximum(prod - k12 * k12, floor).sqrt()
+    theta = torch.atan2(s, k12)
+    cov = (s + (math.pi - theta) * k12) / (2 * math.pi)
     dot = (math.pi - theta) / (2 * math.pi)
     return cov, dot
 
@@ -119,7 +129,11 @@ class KernelState:
         var1: variances at ``x1``, ``(..., n1)``.
         var2: variances at ``x2``, ``(..., n2)`` (equal to ``var1`` when ``diag``).
         ntk: NTK, same shape as ``cov``.
-        diag: whether only the diagonal is tracked.
+        diag: whether only paired entries ``k(x1_i, x2_i)`` are tracked (shape ``(..., n)``).
+        coincident: with ``diag``, whether ``x2 is x1`` (then ``cov == var1 == var2``
+            and the exact on-diagonal closed forms are used).
+        symmetric: full ``K(x1, x1)``; activations then write the exact
+            on-diagonal closed forms onto the diagonal.
     """
 
     cov: Tensor
@@ -127,6 +141,8 @@ class KernelState:
     var2: Tensor
     ntk: Tensor
     diag: bool = False
+    coincident: bool = False
+    symmetric: bool = False
 
 
 class Layer:
@@ -141,9 +157,6 @@ class Layer:
 
 def _as_variance(value, name: str, *, allow_zero: bool):
     if isinstance(value, Tensor):
-        if value.numel() != 1 and value.dim() > 0:
-            # batched hyper-parameters are allowed; they broadcast against (..., n1, n2)
-            pass
         if not torch.isfinite(value).all():
             raise ValueError(f"{name} must be finite, got {value}")
         bad = (value < 0).any() if allow_zero else (value <= 0).any()
@@ -160,13 +173,21 @@ def _as_variance(value, name: str, *, allow_zero: bool):
     return value
 
 
+def _batch_align(value, n_trailing: int):
+    if isinstance(value, Tensor) and value.dim() > 0:
+        return value.reshape(value.shape + (1,) * n_trailing)
+    return value
+
+
 class Dense(Layer):
     r"""Fully-connected layer in NTK parameterisation,
     :math:`z = \sigma_w W x / \sqrt{n} + \sigma_b b`, :math:`W, b \sim \mathcal N(0, 1)`.
 
     Args:
-        weight_var: :math:`\sigma_w^2 > 0` (float or scalar/broadcastable tensor).
-        bias_var: :math:`\sigma_b^2 \ge 0`.
+        weight_var: :math:`\sigma_w^2 > 0`: a float, a 0-d tensor, or a tensor of shape
+            ``batch_shape`` (one network per batch element, broadcast against the
+            inputs' leading dimensions).
+        bias_var: :math:`\sigma_b^2 \ge 0`, same forms.
     """
 
     def __init__(self, weight_var=1.0, bias_var=0.0):
@@ -174,11 +195,17 @@ class Dense(Layer):
         self.bias_var = _as_variance(bias_var, "bias_var", allow_zero=True)
 
     def apply(self, state: KernelState) -> KernelState:
-        w, b = self.weight_var, self.bias_var
-        cov = b + w * state.cov
-        ntk = cov + w * state.ntk
-        var1 = b + w * state.var1
-        var2 = var1 if state.diag else b + w * state.var2
+        # Tensor hyper-parameters with dimensions are batch-shaped: align them with the
+        # leading (batch) dimensions of the kernel, (*batch, n1, n2) or (*batch, n1).
+        wv, bv = _batch_align(self.weight_var, 1), _batch_align(self.bias_var, 1)
+        if state.diag:
+            wm, bm = wv, bv
+        else:
+            wm, bm = _batch_align(self.weight_var, 2), _batch_align(self.bias_var, 2)
+        var1 = bv + wv * state.var1
+        var2 = var1 if state.coincident else bv + wv * state.var2
+        cov = var1 if state.coincident else bm + wm * state.cov
+        ntk = cov + wm * state.ntk
         return replace(state, cov=cov, var1=var1, var2=var2, ntk=ntk)
 
     def __repr__(self) -> str:
@@ -194,11 +221,17 @@ class _Activation(Layer):
 
     def apply(self, state: KernelState) -> KernelState:
         v1, d1 = self._diag(state.var1)
-        if state.diag:
-            return KernelState(cov=v1, var1=v1, var2=v1, ntk=d1 * state.ntk, diag=True)
+        if state.coincident:
+            return replace(state, cov=v1, var1=v1, var2=v1, ntk=d1 * state.ntk)
         v2, _ = self._diag(state.var2)
-        cov, dot = self._cross(state.cov, state.var1[..., :, None], state.var2[..., None, :])
-        return KernelState(cov=cov, var1=v1, var2=v2, ntk=dot * state.ntk, diag=False)
+        if state.diag:  # paired entries k(x1_i, x2_i)
+            cov, dot = self._cross(state.cov, state.var1, state.var2)
+        else:
+            cov, dot = self._cross(state.cov, state.var1[..., :, None], state.var2[..., None, :])
+            if state.symmetric:
+                cov = cov.diagonal_scatter(v1.expand(cov.shape[:-1]), dim1=-2, dim2=-1)
+                dot = dot.diagonal_scatter(d1.expand(dot.shape[:-1]), dim1=-2, dim2=-1)
+        return replace(state, cov=cov, var1=v1, var2=v2, ntk=dot * state.ntk)
 
 
 class Relu(_Activation):
@@ -233,7 +266,8 @@ class NNGPKernelFn:
         x1: ``(..., n1, d)`` inputs (floating point, finite).
         x2: ``(..., n2, d)`` inputs, default ``x1``. Batch dimensions broadcast.
         get: ``"nngp"``, ``"ntk"`` or a tuple of both (then a tuple is returned).
-        diag: return only ``k(x1_i, x1_i)``, shape ``(..., n1)``, in O(n1 d).
+        diag: return only ``k(x1_i, x2_i)`` (``k(x1_i, x1_i)`` without ``x2``), shape
+            ``(..., n1)``, in O(n1 d).
     """
 
     def __init__(self, layers: Sequence[Layer]):
@@ -255,12 +289,11 @@ class NNGPKernelFn:
         if d == 0:
             raise ValueError("x1 must have at least one feature (last dimension), got 0")
         var1 = x1.pow(2).sum(-1) / d
-        if diag:
-            if x2 is not None and x2 is not x1:
-                raise ValueError("diag=True computes k(x1_i, x1_i); pass x2=None")
+        if diag and (x2 is None or x2 is x1):
             return KernelState(cov=var1, var1=var1, var2=var1, ntk=torch.zeros_like(var1),
-                               diag=True)
-        if x2 is None:
+                               diag=True, coincident=True)
+        symmetric = x2 is None or x2 is x1
+        if symmetric:
             x2 = x1
         else:
             check_tensor(x2, "x2", min_ndim=2)
@@ -271,8 +304,16 @@ class NNGPKernelFn:
                 raise TypeError(f"x1 and x2 must have the same dtype, got {x1.dtype} and "
                                 f"{x2.dtype}")
         var2 = x2.pow(2).sum(-1) / d
+        if diag:
+            if x2.shape[-2] != x1.shape[-2]:
+                raise ValueError(f"diag=True pairs the rows of x1 and x2, so they must have the "
+                                 f"same number of rows, got {x1.shape[-2]} and {x2.shape[-2]}")
+            cov = (x1 * x2).sum(-1) / d
+            return KernelState(cov=cov, var1=var1, var2=var2, ntk=torch.zeros_like(cov),
+                               diag=True)
         cov = x1 @ x2.mT / d
-        return KernelState(cov=cov, var1=var1, var2=var2, ntk=torch.zeros_like(cov))
+        return KernelState(cov=cov, var1=var1, var2=var2, ntk=torch.zeros_like(cov),
+                           symmetric=symmetric)
 
     def apply(self, state: KernelState) -> KernelState:
         for layer in self.layers:

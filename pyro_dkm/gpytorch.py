@@ -1,0 +1,129 @@
+"""GPyTorch adapters: our kernels as ``gpytorch.kernels.Kernel`` objects.
+
+``NNGPKernel`` drops into any GPyTorch model (``ExactGP``, ``ApproximateGP``)::
+
+    covar_module = gpytorch.kernels.ScaleKernel(NNGPKernel(depth=2, activation="relu"))
+"""
+
+from __future__ import annotations
+
+import gpytorch
+import torch
+from gpytorch.constraints import Positive
+from torch import Tensor
+
+from .kernels.nngp import Dense, Erf, Relu, serial
+
+__all__ = ["NNGPKernel"]
+
+_ACTIVATIONS = {"relu": Relu, "erf": Erf}
+
+
+def _check_init_variance(value, name: str, *, allow_zero: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (value > 0 or (allow_zero and value == 0)):
+        raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, "
+                         f"got {value}")
+    return float(value)
+
+
+class NNGPKernel(gpytorch.kernels.Kernel):
+    r"""NNGP (or NTK) kernel of a fully-connected network of ``depth`` hidden layers,
+
+    ``serial(Dense(w_0, b_0), act, Dense(w_1, b_1), act, ..., Dense(w_depth, b_depth))``
+
+    (see :mod:`pyro_dkm.kernels.nngp`), with learnable per-layer weight and bias
+    variances :math:`\sigma_{w,l}^2, \sigma_{b,l}^2` (``depth + 1`` of each).
+
+    Args:
+        depth: number of hidden layers (activations), ``>= 0``.
+        activation: ``"relu"`` or ``"erf"``.
+        weight_var: initial :math:`\sigma_w^2` for every layer (``> 0``).
+        bias_var: initial :math:`\sigma_b^2` for every layer (``>= 0``).
+        kernel: ``"nngp"`` or ``"ntk"``.
+        weight_var_constraint, bias_var_constraint: GPyTorch constraints
+            (default ``Positive()``, and ``Interval(0, 1e4)`` is a sensible bound).
+        batch_shape: as for every GPyTorch kernel; hyper-parameters get shape
+            ``(*batch_shape, depth + 1)``.
+
+    ``forward(x1, x2, diag=False)`` takes ``(..., n, d)`` inputs and returns
+    ``(..., n1, n2)`` (or ``(..., n1)`` with ``diag=True``, computed in O(n d)).
+    """
+
+    has_lengthscale = False
+
+    def __init__(
+        self,
+        depth: int = 2,
+        activation: str = "relu",
+        weight_var: float = 2.0,
+        bias_var: float = 0.1,
+        kernel: str = "nngp",
+        weight_var_constraint=None,
+        bias_var_constraint=None,
+        **kwargs,
+    ):
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"depth must be a non-negative int, got {depth!r}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got "
+                             f"{activation!r}")
+        if kernel not in ("nngp", "ntk"):
+            raise ValueError(f"kernel must be 'nngp' or 'ntk', got {kernel!r}")
+        weight_var = _check_init_variance(weight_var, "weight_var", allow_zero=False)
+        bias_var = _check_init_variance(bias_var, "bias_var", allow_zero=True)
+        super().__init__(**kwargs)
+        self.depth = depth
+        self.activation = activation
+        self.kernel = kernel
+        shape = (*self.batch_shape, depth + 1)
+        self.register_parameter("raw_weight_var", torch.nn.Parameter(torch.zeros(shape)))
+        self.register_parameter("raw_bias_var", torch.nn.Parameter(torch.zeros(shape)))
+        self.register_constraint("raw_weight_var", weight_var_constraint or Positive())
+        self.register_constraint("raw_bias_var", bias_var_constraint or Positive())
+        self.weight_var = torch.full(shape, weight_var)
+        # Positive() cannot represent exactly 0: start from a tiny bias instead.
+        self.bias_var = torch.full(shape, max(bias_var, 1e-6))
+
+    @property
+    def weight_var(self) -> Tensor:
+        return self.raw_weight_var_constraint.transform(self.raw_weight_var)
+
+    @weight_var.setter
+    def weight_var(self, value) -> None:
+        value = torch.as_tensor(value, dtype=self.raw_weight_var.dtype,
+                                device=self.raw_weight_var.device)
+        self.initialize(raw_weight_var=self.raw_weight_var_constraint.inverse_transform(value))
+
+    @property
+    def bias_var(self) -> Tensor:
+        return self.raw_bias_var_constraint.transform(self.raw_bias_var)
+
+    @bias_var.setter
+    def bias_var(self, value) -> None:
+        value = torch.as_tensor(value, dtype=self.raw_bias_var.dtype,
+                                device=self.raw_bias_var.device)
+        self.initialize(raw_bias_var=self.raw_bias_var_constraint.inverse_transform(value))
+
+    def kernel_fn(self):
+        """The :class:`~pyro_dkm.kernels.nngp.NNGPKernelFn` with the current
+        hyper-parameters (differentiable)."""
+        w, b = self.weight_var, self.bias_var
+        act = _ACTIVATIONS[self.activation]
+        layers = []
+        for l in range(self.depth + 1):
+            layers.append(Dense(w[..., l], b[..., l]))
+            if l < self.depth:
+                layers.append(act())
+        return serial(*layers)
+
+    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, **params) -> Tensor:
+        if params.get("last_dim_is_batch", False):
+            raise ValueError("NNGPKernel does not support last_dim_is_batch=True")
+        kfn = self.kernel_fn()
+        if diag:
+            same = x1 is x2 or (x1.shape == x2.shape and torch.equal(x1, x2))
+            return kfn(x1, None if same else x2, get=self.kernel, diag=True)
+        return kfn(x1, x2, get=self.kernel)
+
