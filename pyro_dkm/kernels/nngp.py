@@ -79,9 +79,8 @@ def relu_expectations(k12: Tensor, k11: Tensor, k22: Tensor) -> tuple[Tensor, Te
     # level it is noise, so floor it there (a zero gradient instead of a huge noisy one).
     floor = (prod * torch.finfo(k12.dtype).eps).clamp_min(torch.finfo(k12.dtype).tiny)
     s = torch.maximum(prod - k12 * k12, floor).sqrt()
-    theta = torch.atan2(s, k12)
-    cov = (s + (math.pi - theta) * k12) / (2 * math.pi)
-    dot = (math.pi - theta) / (2 * math.pi)
+    dot = (math.pi - torch.atan2(s, k12)) / (2 * math.pi)  # (pi - theta) / 2pi
+    cov = s / (2 * math.pi) + dot * k12
     return cov, dot
 
 
@@ -128,7 +127,7 @@ class KernelState:
         cov: NNGP covariance, ``(..., n1, n2)``, or ``(..., n1)`` when ``diag``.
         var1: variances at ``x1``, ``(..., n1)``.
         var2: variances at ``x2``, ``(..., n2)`` (equal to ``var1`` when ``diag``).
-        ntk: NTK, same shape as ``cov``.
+        ntk: NTK, same shape as ``cov``, or ``None`` when it is not tracked.
         diag: whether only paired entries ``k(x1_i, x2_i)`` are tracked (shape ``(..., n)``).
         coincident: with ``diag``, whether ``x2 is x1`` (then ``cov == var1 == var2``
             and the exact on-diagonal closed forms are used).
@@ -139,7 +138,7 @@ class KernelState:
     cov: Tensor
     var1: Tensor
     var2: Tensor
-    ntk: Tensor
+    ntk: Tensor | None
     diag: bool = False
     coincident: bool = False
     symmetric: bool = False
@@ -205,11 +204,15 @@ class Dense(Layer):
         var1 = bv + wv * state.var1
         var2 = var1 if state.coincident else bv + wv * state.var2
         cov = var1 if state.coincident else bm + wm * state.cov
-        ntk = cov + wm * state.ntk
+        ntk = None if state.ntk is None else cov + wm * state.ntk
         return replace(state, cov=cov, var1=var1, var2=var2, ntk=ntk)
 
     def __repr__(self) -> str:
         return f"Dense(weight_var={self.weight_var}, bias_var={self.bias_var})"
+
+
+def _times(a, ntk):
+    return None if ntk is None else a * ntk
 
 
 class _Activation(Layer):
@@ -222,7 +225,7 @@ class _Activation(Layer):
     def apply(self, state: KernelState) -> KernelState:
         v1, d1 = self._diag(state.var1)
         if state.coincident:
-            return replace(state, cov=v1, var1=v1, var2=v1, ntk=d1 * state.ntk)
+            return replace(state, cov=v1, var1=v1, var2=v1, ntk=_times(d1, state.ntk))
         v2, _ = self._diag(state.var2)
         if state.diag:  # paired entries k(x1_i, x2_i)
             cov, dot = self._cross(state.cov, state.var1, state.var2)
@@ -231,7 +234,7 @@ class _Activation(Layer):
             if state.symmetric:
                 cov = cov.diagonal_scatter(v1.expand(cov.shape[:-1]), dim1=-2, dim2=-1)
                 dot = dot.diagonal_scatter(d1.expand(dot.shape[:-1]), dim1=-2, dim2=-1)
-        return replace(state, cov=cov, var1=v1, var2=v2, ntk=dot * state.ntk)
+        return replace(state, cov=cov, var1=v1, var2=v2, ntk=_times(dot, state.ntk))
 
 
 class Relu(_Activation):
@@ -281,16 +284,21 @@ class NNGPKernelFn:
     def __repr__(self) -> str:
         return f"serial({', '.join(map(repr, self.layers))})"
 
-    def initial_state(self, x1: Tensor, x2: Tensor | None = None, *, diag: bool = False
-                      ) -> KernelState:
-        """The input-layer state :math:`K_0 = x\\cdot x'/d`, :math:`\\Theta_0 = 0`."""
+    def initial_state(self, x1: Tensor, x2: Tensor | None = None, *, diag: bool = False,
+                      ntk: bool = True) -> KernelState:
+        """The input-layer state :math:`K_0 = x\\cdot x'/d`, :math:`\\Theta_0 = 0`
+        (the NTK is not tracked when ``ntk`` is false)."""
         check_tensor(x1, "x1", min_ndim=2)
         d = x1.shape[-1]
         if d == 0:
             raise ValueError("x1 must have at least one feature (last dimension), got 0")
         var1 = x1.pow(2).sum(-1) / d
+
+        def zeros(t):
+            return torch.zeros_like(t) if ntk else None
+
         if diag and (x2 is None or x2 is x1):
-            return KernelState(cov=var1, var1=var1, var2=var1, ntk=torch.zeros_like(var1),
+            return KernelState(cov=var1, var1=var1, var2=var1, ntk=zeros(var1),
                                diag=True, coincident=True)
         symmetric = x2 is None or x2 is x1
         if symmetric:
@@ -309,11 +317,9 @@ class NNGPKernelFn:
                 raise ValueError(f"diag=True pairs the rows of x1 and x2, so they must have the "
                                  f"same number of rows, got {x1.shape[-2]} and {x2.shape[-2]}")
             cov = (x1 * x2).sum(-1) / d
-            return KernelState(cov=cov, var1=var1, var2=var2, ntk=torch.zeros_like(cov),
-                               diag=True)
+            return KernelState(cov=cov, var1=var1, var2=var2, ntk=zeros(cov), diag=True)
         cov = x1 @ x2.mT / d
-        return KernelState(cov=cov, var1=var1, var2=var2, ntk=torch.zeros_like(cov),
-                           symmetric=symmetric)
+        return KernelState(cov=cov, var1=var1, var2=var2, ntk=zeros(cov), symmetric=symmetric)
 
     def apply(self, state: KernelState) -> KernelState:
         for layer in self.layers:
@@ -325,7 +331,7 @@ class NNGPKernelFn:
         for g in names:
             if g not in _GET:
                 raise ValueError(f"get must be 'nngp', 'ntk' or a tuple of them, got {get!r}")
-        state = self.apply(self.initial_state(x1, x2, diag=diag))
+        state = self.apply(self.initial_state(x1, x2, diag=diag, ntk="ntk" in names))
         out = tuple(state.cov if g == "nngp" else state.ntk for g in names)
         return out[0] if isinstance(get, str) else out
 
