@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -17,6 +18,9 @@ import torch
 
 
 def run(split: int = 0, steps: int = 150, seed: int = 0, lr: float = 0.05) -> dict:
+    # gpytorch imports pykeops when it is installed; keep its banner off stdout
+    os.environ.setdefault("PYKEOPS_VERBOSE", "0")
+    os.environ.setdefault("KEOPS_VERBOSE", "0")
     import gpytorch
 
     from .datasets import load_uci
