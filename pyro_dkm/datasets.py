@@ -63,7 +63,7 @@ def uci_n_splits(folder: str | os.PathLike) -> int:
     """Number of splits whose index files exist in a UCI dataset folder."""
     folder = Path(folder)
     k = 0
-    while (folder / f"index_train_{k}.txt").is_file() and (folder / f"index_test_{k}.txt").is_file():
+    while all((folder / f"index_{part}_{k}.txt").is_file() for part in ("train", "test")):
         k += 1
     return k
 
