@@ -1,0 +1,20 @@
+"""Deep kernel machines (Yang et al., ICML 2023) as Pyro models.
+
+* :class:`DeepKernelMachine`: sparse DKM (inducing points), ``model``/``guide`` for SVI,
+  ``objective`` (closed form), ``predict``;
+* :class:`ExactDeepKernelMachine`: full DKM for small data, closed-form marginal likelihood;
+* :func:`fit`: Adam training helper; layers in :mod:`.layers`.
+"""
+
+from .exact import ExactDeepKernelMachine
+from .gram_blocks import GramBlocks
+from .layers import KERNELS, GramLayer, InputGram, KernelLayer, propagate_gram
+from .model import DeepKernelMachine, select_inducing_points
+from .output import SparseGPOutput, conditional_weights
+from .training import FitResult, fit, validation_metric
+
+__all__ = [
+    "DeepKernelMachine", "ExactDeepKernelMachine", "GramBlocks", "GramLayer", "InputGram",
+    "KernelLayer", "KERNELS", "SparseGPOutput", "conditional_weights", "propagate_gram",
+    "select_inducing_points", "fit", "FitResult", "validation_metric",
+]

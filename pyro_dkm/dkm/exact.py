@@ -1,0 +1,150 @@
+r"""Exact (full) deep kernel machine for small data (P up to a few thousand points).
+
+Learned full Grams :math:`G_1..G_L` (``P x P``, Cholesky factor with log-diagonal,
+initialised at the NNGP) maximise
+
+.. math:: \mathcal L = \sum_c \log \mathcal N\big(y_c \mid 0, K(G_L) + \sigma^2 I\big)
+          - \sum_l \nu_l\,\mathrm{KL}\big(\mathcal N(0,G_l)\,\|\,\mathcal N(0,K(G_{l-1}))\big),
+
+:math:`G_0 = XX^T/d`. Test points get their Grams by the sparse propagation rule with the
+training set as the inducing set, then the GP predictive on :math:`K(G_L)`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule, PyroParam
+from torch import Tensor
+from torch.distributions import constraints
+
+from ..kernels.gram import GramKernel
+from ..linalg import check_tensor, cholesky, cholesky_solve, gaussian_log_marginal, solve_tril
+from .layers import GramLayer, InputGram, KernelLayer, claim_param_store, propagate_gram
+from .model import _per_layer
+
+__all__ = ["ExactDeepKernelMachine"]
+
+
+class ExactDeepKernelMachine(PyroModule):
+    """Full DKM with a Gaussian likelihood.
+
+    Args:
+        X: ``(P, d)`` training inputs; y: ``(P,)`` or ``(P, C)`` targets.
+        depth, nu, kernel, noise, kl, lengthscale, dtype: as for
+            :class:`~pyro_dkm.dkm.DeepKernelMachine`.
+
+    ``model()`` adds ``pyro.factor(f"kl_{l}", -nu_l KL_l)`` and observes ``y`` under the
+    Gaussian marginal likelihood; ``guide()`` is empty (the Grams are point estimates),
+    so ``-Trace_ELBO`` equals :meth:`objective`.
+    """
+
+    def __init__(self, X: Tensor, y: Tensor, *, depth: int = 2,
+                 nu: float | Sequence[float] = 1.0, kernel: str | GramKernel | Sequence = "relu",
+                 noise: float = 0.1, kl: str = "exact", lengthscale: float = 1.0,
+                 dtype: torch.dtype = torch.float64):
+        super().__init__()
+        check_tensor(X, "X", ndim=2)
+        check_tensor(y, "y", min_ndim=1)
+        P = X.shape[0]
+        if y.shape[0] != P or y.dim() > 2:
+            raise ValueError(f"y must have shape ({P},) or ({P}, C), one row per row of X, got "
+                             f"shape {tuple(y.shape)}")
+        if not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"depth must be a non-negative int, got {depth!r}")
+        if not noise > 0:
+            raise ValueError(f"noise must be positive, got {noise}")
+        self.dtype = dtype
+        self.depth = depth
+        self.out_channels = 1 if y.dim() == 1 else y.shape[1]
+        self.likelihood = "gaussian"
+        self.register_buffer("X_train", X.detach().to(dtype).clone())
+        self.register_buffer("y_train", (y[:, None] if y.dim() == 1 else y).detach().to(dtype))
+        nus = [float(v) for v in _per_layer(nu, depth, "nu")]
+        kernels = _per_layer(kernel, depth + 1, "kernel")
+        self.input_layer = InputGram(X.to(torch.float64), learn_inducing=False)
+        self.kernel_layers = PyroModule[torch.nn.ModuleList](
+            [KernelLayer(k, lengthscale=lengthscale) for k in kernels])
+        self.gram_layers = PyroModule[torch.nn.ModuleList](
+            [GramLayer(P, nu=v, kl=kl) for v in nus])
+        self.noise = PyroParam(torch.tensor(float(noise), dtype=torch.float64),
+                               constraints.positive)
+        self.to(dtype)
+        self.reset_to_nngp()
+
+    @torch.no_grad()
+    def reset_to_nngp(self) -> None:
+        G = self._input_gram()
+        for kern, gl in zip(self.kernel_layers, self.gram_layers):
+            gl.set_gram(kern.kernel()(G))
+            G = gl.inducing_gram
+
+    def _input_gram(self) -> Tensor:
+        X = self.X_train
+        return X @ X.mT / X.shape[1]
+
+    def grams(self) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+        """Learned Grams ``[G_1..G_L]``, top kernel ``K(G_L)`` and per-layer KLs."""
+        claim_param_store(self)
+        G = self._input_gram()
+        Gs, kls = [], []
+        for kern, gl in zip(self.kernel_layers, self.gram_layers):
+            K = kern.kernel()(G)
+            K_tril = cholesky(K, name="K (kernel of the previous layer's Gram)")
+            G_tril = gl.gram_tril
+            kls.append(gl.kl(K, G_tril, K_tril))
+            G = G_tril @ G_tril.mT
+            Gs.append(G)
+        return Gs, self.kernel_layers[-1].kernel()(G), kls
+
+    def _marginal_tril(self, K_top: Tensor) -> Tensor:
+        eye = torch.eye(K_top.shape[-1], dtype=K_top.dtype, device=K_top.device)
+        return cholesky(K_top + self.noise * eye, name="K + noise I")
+
+    def objective(self) -> Tensor:
+        """The exact DKM objective (closed form)."""
+        _, K_top, kls = self.grams()
+        L = self._marginal_tril(K_top)
+        ll = gaussian_log_marginal(L, self.y_train.mT).sum()
+        return ll - sum(gl.nu * kl for gl, kl in zip(self.gram_layers, kls))
+
+    def model(self, *args, **kwargs):
+        _, K_top, kls = self.grams()
+        for l, (kl, gl) in enumerate(zip(kls, self.gram_layers)):
+            pyro.factor(f"kl_{l}", -gl.nu * kl)
+        L = self._marginal_tril(K_top)
+        loc = L.new_zeros(self.out_channels, L.shape[-1])
+        return pyro.sample("obs", dist.MultivariateNormal(loc, scale_tril=L).to_event(1),
+                           obs=self.y_train.mT)
+
+    def guide(self, *args, **kwargs):
+        pass
+
+    @torch.no_grad()
+    def predict(self, X: Tensor, *, include_noise: bool = True, batch_size: int = 4096):
+        """GP predictive (``torch.distributions.Normal``, ``(T,)`` or ``(T, C)``)."""
+        check_tensor(X, "X", ndim=2)
+        if X.shape[1] != self.X_train.shape[1]:
+            raise ValueError(f"X must have {self.X_train.shape[1]} columns, got shape "
+                             f"{tuple(X.shape)}")
+        X = X.to(self.dtype)
+        Gs, K_top, _ = self.grams()
+        L = self._marginal_tril(K_top)
+        alpha = cholesky_solve(L, self.y_train)  # (P, C)
+        means, variances = [], []
+        for s in range(0, X.shape[0], batch_size):
+            G = self.input_layer(X[s:s + batch_size])
+            for kern, gl in zip(self.kernel_layers, self.gram_layers):
+                G = propagate_gram(kern(G), gl.gram_tril)
+            K = self.kernel_layers[-1](G)
+            means.append(K.ti @ alpha)
+            v = K.t_diag - solve_tril(L, K.ti.mT).pow(2).sum(-2)
+            v = v.clamp_min(0) + (self.noise if include_noise else 0.0)
+            variances.append(v[:, None].expand(-1, self.out_channels))
+        mean, var = torch.cat(means), torch.cat(variances)
+        if self.out_channels == 1:
+            mean, var = mean[:, 0], var[:, 0]
+        return torch.distributions.Normal(mean, var.sqrt())

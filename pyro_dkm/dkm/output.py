@@ -1,0 +1,76 @@
+r"""Sparse-GP output layer of a deep kernel machine.
+
+Prior :math:`u_c \sim \mathcal N(0, K_{ii})` per output channel ``c`` on the top-layer
+kernel :math:`K = K(G_L)`; variational posterior :math:`q(u_c) = \mathcal N(m_c, S_c)`
+(one ``S`` shared by the channels or one per channel). The latent function at a
+train/test point has marginal
+
+.. math:: q(f_{tc}) = \mathcal N\big(K_{ti}K_{ii}^{-1} m_c,\;
+          k_{tt} - K_{ti}K_{ii}^{-1}K_{it} + K_{ti}K_{ii}^{-1} S_c K_{ii}^{-1}K_{it}\big).
+"""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule, PyroParam
+from torch import Tensor
+from torch.distributions import constraints
+
+from ..linalg import solve_tril
+from .gram_blocks import GramBlocks
+
+__all__ = ["SparseGPOutput", "conditional_weights"]
+
+
+def conditional_weights(K: GramBlocks, K_tril: Tensor) -> tuple[Tensor, Tensor]:
+    """``W = K_ii^-1 K_it`` ``(M, T)`` and the clamped Nystrom residual
+    ``k_tt - diag(K_ti K_ii^-1 K_it)`` ``(T,)``."""
+    A = solve_tril(K_tril, K.ti.mT)  # (M, T)
+    W = solve_tril(K_tril, A, transpose=True)  # (M, T)
+    resid = (K.t_diag - A.pow(2).sum(-2)).clamp_min(0)
+    return W, resid
+
+
+class SparseGPOutput(PyroModule):
+    r"""Holds :math:`q(u) = \mathcal N(m, S)` for ``C`` output channels.
+
+    Args:
+        num_inducing: ``M``.
+        out_channels: ``C``.
+        shared_covariance: one ``S`` for all channels (default) or one per channel.
+
+    Parameters: ``u_loc`` ``(C, M)``; ``u_scale_tril`` ``(M, M)`` or ``(C, M, M)``
+    (``PyroParam`` with the ``lower_cholesky`` constraint).
+    """
+
+    def __init__(self, num_inducing: int, out_channels: int = 1, shared_covariance: bool = True):
+        super().__init__()
+        M, C = num_inducing, out_channels
+        self.num_inducing, self.out_channels = M, C
+        self.shared_covariance = bool(shared_covariance)
+        self.u_loc = PyroParam(torch.zeros(C, M, dtype=torch.float64))
+        eye = torch.eye(M, dtype=torch.float64)
+        self.u_scale_tril = PyroParam(eye if shared_covariance else eye.expand(C, M, M).clone(),
+                                      constraints.lower_cholesky)
+
+    def prior(self, K_tril: Tensor) -> dist.Distribution:
+        """``p(u)``: batch ``(C,)``, event ``(M,)`` made one event ``(C, M)``."""
+        loc = K_tril.new_zeros(self.out_channels, self.num_inducing)
+        return dist.MultivariateNormal(loc, scale_tril=K_tril).to_event(1)
+
+    def posterior(self) -> dist.Distribution:
+        """``q(u)`` with event shape ``(C, M)``."""
+        return dist.MultivariateNormal(self.u_loc, scale_tril=self.u_scale_tril).to_event(1)
+
+    def marginals(self, W: Tensor, resid: Tensor, u: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Mean and variance ``(T, C)`` of the latent ``f``: under ``q(u)`` when ``u`` is
+        None, else of ``p(f | u)`` for the given ``(C, M)`` sample."""
+        if u is not None:
+            mean = (u @ W).mT
+            return mean, resid[:, None].expand_as(mean)
+        mean = (self.u_loc @ W).mT  # (T, C)
+        SW = self.u_scale_tril.mT @ W  # (M, T) or (C, M, T)
+        s = SW.pow(2).sum(-2)  # (T,) or (C, T)
+        var = resid[:, None] + (s[:, None] if s.dim() == 1 else s.mT)
+        return mean, var.expand_as(mean)

@@ -1,0 +1,209 @@
+"""A small training helper for deep kernel machines: Adam on the (minibatch) ELBO, an
+optional learning-rate schedule, a tqdm progress bar on stderr, early stopping on a
+validation split, and the best ``state_dict`` restored at the end."""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyro
+import torch
+from torch import Tensor
+
+__all__ = ["fit", "FitResult", "validation_metric"]
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` did. ``losses``: negative objective per data point, one per step;
+    ``val``: ``(step, validation metric)`` pairs (mean negative log predictive density,
+    lower is better); ``best_step``: step whose parameters were kept."""
+
+    losses: list = field(default_factory=list)
+    val: list = field(default_factory=list)
+    best_step: int | None = None
+    stopped_early: bool = False
+    seconds: float = 0.0
+    steps: int = 0
+    seconds_per_epoch: float = float("nan")
+
+
+@torch.no_grad()
+def validation_metric(model, X: Tensor, y: Tensor) -> float:
+    """Mean negative log predictive density of ``y`` (Gaussian: per point and channel
+    summed over channels; categorical: cross-entropy of the averaged probabilities)."""
+    if getattr(model, "likelihood", "gaussian") == "categorical":
+        p = model.predict(X)
+        return float(-p.gather(-1, y.long()[:, None]).clamp_min(1e-300).log().mean())
+    pred = model.predict(X)
+    yy = y.to(pred.loc.dtype).reshape(pred.loc.shape)
+    lp = pred.log_prob(yy)
+    return float(-(lp.sum(-1) if lp.dim() == 2 else lp).mean())
+
+
+def _make_scheduler(opt, lr_schedule, total_steps):
+    if lr_schedule is None:
+        return None
+    if lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
+    if callable(lr_schedule):
+        return lr_schedule(opt)
+    raise ValueError(f"lr_schedule must be None, 'cosine' or a callable(optimizer) -> "
+                     f"scheduler, got {lr_schedule!r}")
+
+
+def fit(
+    model,
+    X: Tensor,
+    y: Tensor,
+    *,
+    num_steps: int | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float = 1e-2,
+    lr_schedule=None,
+    X_val: Tensor | None = None,
+    y_val: Tensor | None = None,
+    val_fraction: float = 0.0,
+    eval_every: int = 50,
+    patience: int | None = None,
+    elbo: str | pyro.infer.ELBO = "meanfield",
+    init_q: bool = True,
+    progress: bool = True,
+    seed: int | None = None,
+    callback: Callable | None = None,
+) -> FitResult:
+    """Train a :class:`~pyro_dkm.dkm.DeepKernelMachine` (or an
+    :class:`~pyro_dkm.dkm.ExactDeepKernelMachine`) in place.
+
+    Args:
+        model: the DKM.
+        X, y: training data.
+        num_steps / epochs: how long (give one; default 1000 steps). An epoch is
+            ``ceil(N / batch_size)`` steps.
+        batch_size: minibatch size (``None``: full batch). Minibatches are disjoint
+            shuffled slices of the data, passed to ``model.model(..., num_data=N)``.
+        lr: Adam learning rate.
+        lr_schedule: ``None``, ``"cosine"`` or ``callable(optimizer) -> scheduler``
+            (stepped once per step).
+        X_val, y_val: validation data; or ``val_fraction`` of ``X`` held out at random.
+        eval_every: steps between validation evaluations.
+        patience: stop after this many evaluations without improvement (needs
+            validation data); the best parameters are restored.
+        elbo: ``"meanfield"`` (``TraceMeanField_ELBO``, exact for a Gaussian likelihood),
+            ``"trace"`` or an ``ELBO`` instance.
+        init_q: first set ``q(u)`` to its closed-form optimum (Gaussian likelihood).
+        progress: tqdm progress bar on stderr.
+        seed: ``pyro.set_rng_seed`` before training.
+        callback: ``callback(step, loss)`` after every step; return True to stop.
+    """
+    from .exact import ExactDeepKernelMachine
+
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    exact = isinstance(model, ExactDeepKernelMachine)
+    if exact:
+        if batch_size is not None:
+            raise ValueError("an ExactDeepKernelMachine trains on the full data: batch_size must "
+                             "be None")
+    else:
+        X = model._check_X(X)
+        model._check_y(y, X.shape[0])
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction > 0:
+        if X_val is not None:
+            raise ValueError("give X_val/y_val or val_fraction, not both")
+        if exact:
+            raise ValueError("val_fraction is not supported for an ExactDeepKernelMachine "
+                             "(its training set is fixed); pass X_val/y_val")
+        perm = torch.randperm(X.shape[0])
+        n_val = max(1, int(round(val_fraction * X.shape[0])))
+        X_val, y_val = X[perm[:n_val]], y[perm[:n_val]]
+        X, y = X[perm[n_val:]], y[perm[n_val:]]
+    if (X_val is None) != (y_val is None):
+        raise ValueError("give both X_val and y_val")
+    if patience is not None and X_val is None:
+        raise ValueError("patience (early stopping) needs validation data: X_val/y_val or "
+                         "val_fraction")
+    N = X.shape[0]
+    B = N if batch_size is None else int(batch_size)
+    if B < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    B = min(B, N)
+    steps_per_epoch = math.ceil(N / B)
+    if num_steps is not None and epochs is not None:
+        raise ValueError("give num_steps or epochs, not both")
+    total = num_steps if num_steps is not None else (
+        epochs * steps_per_epoch if epochs is not None else 1000)
+    if isinstance(elbo, str):
+        if elbo not in ("meanfield", "trace"):
+            raise ValueError(f"elbo must be 'meanfield', 'trace' or an ELBO, got {elbo!r}")
+        elbo = pyro.infer.TraceMeanField_ELBO() if elbo == "meanfield" else pyro.infer.Trace_ELBO()
+    if init_q and not exact and model.likelihood == "gaussian":
+        model.init_q(X, y)
+
+    result = FitResult()
+    if True:
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        sched = _make_scheduler(opt, lr_schedule, total)
+        best, best_state, bad = math.inf, None, 0
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, file=sys.stderr, desc=type(model).__name__, leave=False)
+        t0 = time.perf_counter()
+        perm = torch.randperm(N)
+        step = 0
+        try:
+            while step < total:
+                k = step % steps_per_epoch
+                if k == 0 and step > 0:
+                    perm = torch.randperm(N)
+                if exact:
+                    loss = -model.objective()
+                else:
+                    idx = perm[k * B:(k + 1) * B]
+                    loss = elbo.differentiable_loss(model.model, model.guide, X[idx], y[idx],
+                                                    num_data=N)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                step += 1
+                value = float(loss.detach()) / N
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"the training loss became {value} at step {step}")
+                result.losses.append(value)
+                if bar is not None:
+                    bar.update(1)
+                    if step % 10 == 0:
+                        bar.set_postfix(loss=f"{value:.4f}")
+                if callback is not None and callback(step, value):
+                    break
+                if X_val is not None and (step % eval_every == 0 or step == total):
+                    metric = validation_metric(model, X_val, y_val)
+                    result.val.append((step, metric))
+                    if metric < best:
+                        best, bad, result.best_step = metric, 0, step
+                        best_state = copy.deepcopy(model.state_dict())
+                    else:
+                        bad += 1
+                        if patience is not None and bad >= patience:
+                            result.stopped_early = True
+                            break
+        finally:
+            if bar is not None:
+                bar.close()
+        result.seconds = time.perf_counter() - t0
+        result.steps = step
+        result.seconds_per_epoch = result.seconds / max(step, 1) * steps_per_epoch
+        if best_state is not None:
+            model.load_state_dict(best_state)
+    return result
