@@ -18,6 +18,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule, PyroParam
+from pyro.nn.module import pyro_method
 from torch import Tensor
 from torch.distributions import constraints
 
@@ -86,6 +87,7 @@ class ExactDeepKernelMachine(PyroModule):
         X = self.X_train
         return X @ X.mT / X.shape[1]
 
+    @pyro_method
     def grams(self) -> tuple[list[Tensor], Tensor, list[Tensor]]:
         """Learned Grams ``[G_1..G_L]``, top kernel ``K(G_L)`` and per-layer KLs."""
         claim_param_store(self)
@@ -104,6 +106,7 @@ class ExactDeepKernelMachine(PyroModule):
         eye = torch.eye(K_top.shape[-1], dtype=K_top.dtype, device=K_top.device)
         return cholesky(K_top + self.noise * eye, name="K + noise I")
 
+    @pyro_method
     def objective(self) -> Tensor:
         """The exact DKM objective (closed form)."""
         _, K_top, kls = self.grams()
@@ -111,6 +114,7 @@ class ExactDeepKernelMachine(PyroModule):
         ll = gaussian_log_marginal(L, self.y_train.mT).sum()
         return ll - sum(gl.nu * kl for gl, kl in zip(self.gram_layers, kls))
 
+    @pyro_method
     def model(self, *args, **kwargs):
         _, K_top, kls = self.grams()
         for l, (kl, gl) in enumerate(zip(kls, self.gram_layers)):
@@ -124,6 +128,7 @@ class ExactDeepKernelMachine(PyroModule):
         pass
 
     @torch.no_grad()
+    @pyro_method
     def predict(self, X: Tensor, *, include_noise: bool = True, batch_size: int = 4096):
         """GP predictive (``torch.distributions.Normal``, ``(T,)`` or ``(T, C)``)."""
         check_tensor(X, "X", ndim=2)

@@ -23,6 +23,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule, PyroParam
+from pyro.nn.module import pyro_method
 from torch import Tensor
 from torch.distributions import constraints, transform_to
 
@@ -235,6 +236,7 @@ class DeepKernelMachine(PyroModule):
                              f"channel(s), got shape {tuple(y.shape)}")
         return y.to(self.dtype)
 
+    @pyro_method
     def forward_blocks(self, X: Tensor) -> tuple[GramBlocks, Tensor, list[Tensor]]:
         """Top-layer kernel blocks at inducing points and rows of ``X``, the Cholesky
         factor of their ``K_ii`` and the per-layer (unweighted) KLs."""
@@ -247,6 +249,7 @@ class DeepKernelMachine(PyroModule):
         K_tril = cholesky(K.ii, name="K_ii (top-layer kernel at the inducing points)")
         return K, K_tril, kls
 
+    @pyro_method
     def latent_marginals(self, X: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and variance ``(T, C)`` of ``q(f)`` at the rows of ``X``."""
         K, K_tril, _ = self.forward_blocks(X)
@@ -266,6 +269,7 @@ class DeepKernelMachine(PyroModule):
         return logp.gather(-1, y[None, :, None].expand(S, -1, 1)).squeeze(-1).mean(0)
 
     # ------------------------------------------------------------------ Pyro
+    @pyro_method
     def model(self, X: Tensor, y: Tensor | None = None, *, subsample_size: int | None = None,
               num_data: int | None = None):
         """Pyro model. ``X`` ``(N, d)``; ``y`` ``(N,)``/``(N, C)`` floats or ``(N,)`` classes.
@@ -312,12 +316,14 @@ class DeepKernelMachine(PyroModule):
         pyro.factor("obs", self.expected_log_likelihood(mean, var, y))
         return y
 
+    @pyro_method
     def guide(self, X: Tensor, y: Tensor | None = None, **kwargs):
         """Pyro guide: ``u ~ q(u) = N(u_loc, u_scale_tril u_scale_tril^T)`` per channel."""
         claim_param_store(self)
         return pyro.sample("u", self.output.posterior())
 
     # ------------------------------------------------------------------ closed forms
+    @pyro_method
     def objective(self, X: Tensor, y: Tensor) -> Tensor:
         """The sparse DKM objective on the full data (closed form for a Gaussian
         likelihood, Monte-Carlo likelihood term for categorical)."""
@@ -332,6 +338,7 @@ class DeepKernelMachine(PyroModule):
         return ell - sum(layer.nu * kl for layer, kl in zip(self.gram_layers, kls)) - kl_u
 
     @torch.no_grad()
+    @pyro_method
     def init_q(self, X: Tensor, y: Tensor) -> None:
         r"""Set ``q(u)`` to its optimum for the current Grams and noise (Gaussian
         likelihood; Titsias 2009): :math:`S = K (K + \sigma^{-2}K_{it}K_{ti})^{-1} K`,
@@ -357,6 +364,7 @@ class DeepKernelMachine(PyroModule):
 
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()
+    @pyro_method
     def predict(self, X: Tensor, *, include_noise: bool = True, batch_size: int = 4096,
                 num_samples: int = 64):
         """Predictive at the rows of ``X`` ``(T, d)``, computed in batches.
