@@ -44,6 +44,10 @@ class NotPositiveDefiniteError(torch.linalg.LinAlgError):
             f"NaNs or a float32 condition number beyond ~1e7."
         )
         super().__init__(msg)
+        self._args = (name, size, jitters, batch_failed)
+
+    def __reduce__(self):  # picklable across processes (DataLoader workers, DDP ranks)
+        return (type(self), self._args)
 
 
 def check_tensor(

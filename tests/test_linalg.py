@@ -1,3 +1,5 @@
+import pickle
+
 import pytest
 import torch
 from torch.distributions import MultivariateNormal, kl_divergence
@@ -87,6 +89,12 @@ def test_cholesky_indefinite_raises_named_error():
     # it is also a torch LinAlgError, so existing handlers keep working
     with pytest.raises(torch.linalg.LinAlgError):
         cholesky(A)
+    # and it survives pickling (multiprocessing workers re-raise it in the parent)
+    try:
+        cholesky(A, name="K_ii")
+    except NotPositiveDefiniteError as e:
+        e2 = pickle.loads(pickle.dumps(e))
+        assert str(e2) == str(e) and e2.size == 3
 
 
 @pytest.mark.parametrize(
