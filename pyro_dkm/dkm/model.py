@@ -298,12 +298,13 @@ class DeepKernelMachine(PyroModule):
         u = pyro.sample("u", self.output.prior(K_tril))
         W, resid = conditional_weights(K, K_tril)
         mean, var = self.output.marginals(W, resid, None if self.analytic_expectation else u)
+        # hyper-parameters are read outside the plate (a PyroSample prior is global)
+        noise = self.noise if self.likelihood == "gaussian" else None
         with data_plate:
-            return self._observe(mean, var, yb)
+            return self._observe(mean, var, yb, noise)
 
-    def _observe(self, mean: Tensor, var: Tensor, y: Tensor | None):
+    def _observe(self, mean: Tensor, var: Tensor, y: Tensor | None, noise: Tensor | None):
         if self.likelihood == "gaussian":
-            noise = self.noise
             if y is None:
                 return pyro.sample("obs", dist.Normal(mean, (var + noise).sqrt()).to_event(1))
             pyro.sample("obs", dist.Normal(mean, noise.sqrt()).to_event(1), obs=y)
@@ -318,9 +319,11 @@ class DeepKernelMachine(PyroModule):
 
     @pyro_method
     def guide(self, X: Tensor, y: Tensor | None = None, **kwargs):
-        """Pyro guide: ``u ~ q(u) = N(u_loc, u_scale_tril u_scale_tril^T)`` per channel."""
+        """Pyro guide: ``u ~ q(u) = N(u_loc, u_scale_tril u_scale_tril^T)`` per channel.
+        Returns ``{"u": sample}`` like an AutoGuide, so it composes in ``AutoGuideList``
+        (wrapped in ``AutoCallable``)."""
         claim_param_store(self)
-        return pyro.sample("u", self.output.posterior())
+        return {"u": pyro.sample("u", self.output.posterior())}
 
     # ------------------------------------------------------------------ closed forms
     @pyro_method

@@ -1,0 +1,92 @@
+"""Gram layers: propagation rule, KL, NNGP initialisation."""
+
+import torch
+
+from pyro_dkm.dkm import DeepKernelMachine, GramBlocks, GramLayer, propagate_gram
+from pyro_dkm.kernels import ReluGram
+from pyro_dkm.linalg import kl_zero_mean_gaussians_taylor
+
+from dkm_helpers import toy_regression
+
+
+def _random_pd(n, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=g, dtype=dtype)
+    return A @ A.mT / n + 0.5 * torch.eye(n, dtype=dtype)
+
+
+def test_propagation_matches_explicit_inverse_formula():
+    # Expected values: the DESIGN.md §2 formulas with an explicit matrix inverse.
+    M, T = 6, 9
+    Kfull = _random_pd(M + T, 0)
+    K = GramBlocks(Kfull[:M, :M], Kfull[M:, :M], Kfull.diagonal()[M:])
+    G_ii = _random_pd(M, 1)
+    G = propagate_gram(K, torch.linalg.cholesky(G_ii))
+    Kinv = torch.linalg.inv(K.ii)
+    G_ti = K.ti @ Kinv @ G_ii
+    g_t = (K.t_diag - (K.ti @ Kinv @ K.ti.mT).diagonal()
+           + (K.ti @ Kinv @ G_ii @ Kinv @ K.ti.mT).diagonal())
+    torch.testing.assert_close(G.ii, G_ii, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(G.ti, G_ti, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(G.t_diag, g_t, rtol=1e-10, atol=1e-10)
+
+
+def test_propagation_at_inducing_points_reproduces_learned_gram():
+    # t = inducing points: G_ti = K K^-1 G = G and g_t = diag(G) (exact identity).
+    M = 7
+    K_ii = _random_pd(M, 2)
+    G_ii = _random_pd(M, 3)
+    G = propagate_gram(GramBlocks(K_ii, K_ii, K_ii.diagonal()), torch.linalg.cholesky(G_ii))
+    torch.testing.assert_close(G.ti, G_ii, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(G.t_diag, G_ii.diagonal(), rtol=1e-9, atol=1e-9)
+
+
+def test_propagated_diagonal_clamped_not_negative_under_cancellation():
+    # k_tt slightly below the Nystrom term (what float32 cancellation produces): the
+    # residual must be clamped at 0, so g_t = ||B^T A||^2 >= 0 exactly.
+    M = 5
+    K_ii = _random_pd(M, 4)
+    k_it = K_ii[:, :2]  # test points = first two inducing points
+    k_tt = K_ii.diagonal()[:2] * (1 - 1e-6)
+    G_ii = 1e-8 * torch.eye(M, dtype=torch.float64)
+    G = propagate_gram(GramBlocks(K_ii, k_it.mT, k_tt), torch.linalg.cholesky(G_ii))
+    assert (G.t_diag >= 0).all()
+    # expected: residual clamped to 0, plus diag(G_ii) at the inducing points = 1e-8
+    torch.testing.assert_close(G.t_diag, torch.full((2,), 1e-8, dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+
+
+def test_layer_kl_exact_and_taylor():
+    # exact KL vs torch.distributions' MVN KL; Taylor vs pyro_dkm.linalg's.
+    M = 6
+    K_ii = _random_pd(M, 5)
+    G_ii = _random_pd(M, 6)
+    K = GramBlocks(K_ii, K_ii[:2], K_ii.diagonal()[:2])
+    layer = GramLayer(M, nu=0.3)
+    layer.set_gram(G_ii)
+    _, kl = layer(K)
+    zero = torch.zeros(M, dtype=torch.float64)
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.MultivariateNormal(zero, G_ii),
+        torch.distributions.MultivariateNormal(zero, K_ii))
+    torch.testing.assert_close(kl, ref, rtol=1e-10, atol=1e-12)
+    taylor = GramLayer(M, nu=0.3, kl="taylor")
+    taylor.set_gram(G_ii)
+    _, kl_t = taylor(K)
+    torch.testing.assert_close(kl_t, kl_zero_mean_gaussians_taylor(G_ii, K_ii), rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_initialisation_is_the_nngp():
+    # At construction every learned inducing Gram equals the kernel of the previous one
+    # (the NNGP chain K(K(X X^T/d))), so every KL is 0.
+    X, _ = toy_regression(12)
+    Z = X[:8]
+    m = DeepKernelMachine(Z, depth=3, nu=1.0)
+    G = Z @ Z.mT / Z.shape[1]
+    for layer in m.gram_layers:
+        G = ReluGram()(G)
+        torch.testing.assert_close(layer.inducing_gram, G, rtol=1e-10, atol=1e-12)
+    _, _, kls = m.forward_blocks(X)
+    for kl in kls:
+        assert abs(float(kl.detach())) < 1e-8

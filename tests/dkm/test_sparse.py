@@ -1,0 +1,186 @@
+"""Sparse DKM: objective identities, ELBO estimates, minibatching, persistence."""
+
+import math
+
+import pyro
+import pyro.infer
+import pytest
+import torch
+from dkm_helpers import perturb_grams, toy_regression
+
+from pyro_dkm.dkm import DeepKernelMachine, ExactDeepKernelMachine, select_inducing_points
+
+
+def _trained_like(depth=2, n=30, M=None, seed=0, **kw):
+    """A sparse DKM away from its initial state: perturbed Grams, optimal-ish q(u)."""
+    X, y = toy_regression(n, seed=seed)
+    Z = X if M is None else select_inducing_points(X, M, seed=seed)
+    m = DeepKernelMachine(Z, depth=depth, nu=[0.5, 2.0][:depth], **kw)
+    perturb_grams(m, 0.2)
+    if m.likelihood == "gaussian":
+        m.init_q(X, y)
+    return m, X, y
+
+
+def test_sparse_with_inducing_set_equal_to_training_set_is_exact_dkm():
+    # Z = X, same learned Grams, q(u) at its closed-form optimum: the sparse objective
+    # equals the exact DKM objective (the SVGP bound is tight when Z = X). Tolerance 1e-6.
+    X, y = toy_regression(25)
+    exact = ExactDeepKernelMachine(X, y, depth=2, nu=[0.5, 2.0], noise=0.05)
+    perturb_grams(exact, 0.3)
+    sparse = DeepKernelMachine(X, depth=2, nu=[0.5, 2.0], noise=0.05)
+    for ls, le in zip(sparse.gram_layers, exact.gram_layers):
+        ls.set_gram(G_tril=le.gram_tril.detach())
+    sparse.init_q(X, y)
+    e, s = float(exact.objective().detach()), float(sparse.objective(X, y).detach())
+    assert abs(e - s) < 1e-6, (e, s)
+    # and exact predictions = sparse predictions at new points
+    Xt, _ = toy_regression(10, seed=5)
+    pe, ps = exact.predict(Xt), sparse.predict(Xt)
+    torch.testing.assert_close(ps.loc, pe.loc, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ps.scale, pe.scale, rtol=1e-6, atol=1e-7)
+
+
+def test_meanfield_elbo_equals_closed_form_objective():
+    # TraceMeanField_ELBO: analytic KL(q(u)||p(u)), analytic expected log-likelihood, so
+    # -loss is the closed-form objective to rounding (1e-9 relative).
+    m, X, y = _trained_like(M=10)
+    with torch.no_grad():
+        m.output.u_loc_unconstrained.add_(0.1)
+    loss = pyro.infer.TraceMeanField_ELBO().loss(m.model, m.guide, X, y)
+    obj = float(m.objective(X, y))
+    assert abs(-loss - obj) < 1e-9 * abs(obj), (loss, obj)
+
+
+@pytest.mark.parametrize("analytic", [True, False])
+def test_trace_elbo_is_unbiased_monte_carlo_estimate(analytic):
+    # Trace_ELBO samples u ~ q(u): its mean over draws must equal the closed-form
+    # objective within 4 standard errors (SE computed from the draws).
+    m, X, y = _trained_like(M=8, analytic_expectation=analytic)
+    with torch.no_grad():
+        m.output.u_loc_unconstrained.add_(0.2)
+    obj = float(m.objective(X, y))
+    elbo = pyro.infer.Trace_ELBO()
+    draws = torch.tensor([-elbo.loss(m.model, m.guide, X, y) for _ in range(300)])
+    se = float(draws.std()) / math.sqrt(len(draws))
+    assert se > 0
+    assert abs(float(draws.mean()) - obj) < 4 * se, (float(draws.mean()), obj, se)
+
+
+def test_minibatch_elbo_is_unbiased_for_full_elbo():
+    # plate subsampling scales a batch of B points by N/B: the mean over random batches
+    # is the full-data ELBO, within 4 standard errors.
+    m, X, y = _trained_like(M=8, n=40)
+    full = float(m.objective(X, y))
+    elbo = pyro.infer.TraceMeanField_ELBO()
+    draws = torch.tensor([-elbo.loss(m.model, m.guide, X, y, subsample_size=7)
+                          for _ in range(400)])
+    se = float(draws.std()) / math.sqrt(len(draws))
+    assert se > 0  # batches really differ
+    assert abs(float(draws.mean()) - full) < 4 * se, (float(draws.mean()), full, se)
+    # user-supplied minibatches (num_data): a partition of the data sums to the full ELBO
+    # with the per-batch scaling undone (exact identity, 1e-9 relative).
+    parts = torch.arange(40).chunk(5)
+    kl_terms = float(m.objective(X, y)) - float(m.expected_log_likelihood(
+        *m.latent_marginals(X), m._check_y(y, 40)).sum())
+    ells = []
+    for idx in parts:
+        obj_b = -elbo.loss(m.model, m.guide, X[idx], y[idx], num_data=40)
+        ells.append((obj_b - kl_terms) * len(idx) / 40)
+    assert abs(sum(ells) + kl_terms - full) < 1e-9 * abs(full)
+
+
+def test_gradients_of_elbo_match_objective():
+    # SVI trains what objective() computes: same gradients (1e-8 relative).
+    m, X, y = _trained_like(M=8)
+    elbo = pyro.infer.TraceMeanField_ELBO()
+    params = [p for p in m.parameters()]
+    g1 = torch.autograd.grad(elbo.differentiable_loss(m.model, m.guide, X, y), params,
+                             allow_unused=True)
+    g2 = torch.autograd.grad(-m.objective(X, y), params, allow_unused=True)
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_predict_batches_agree_and_noise_flag():
+    m, X, _ = _trained_like(M=8)
+    Xt, _ = toy_regression(23, seed=9)
+    p1 = m.predict(Xt, batch_size=5)
+    p2 = m.predict(Xt)
+    torch.testing.assert_close(p1.loc, p2.loc, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(p1.scale, p2.scale, rtol=1e-12, atol=1e-12)
+    latent = m.predict(Xt, include_noise=False)
+    torch.testing.assert_close(latent.variance + m.noise.detach(), p2.variance, rtol=1e-12,
+                               atol=1e-12)
+    assert p2.loc.shape == (23,)
+
+
+def test_save_load_round_trips_predictions(tmp_path):
+    m, X, y = _trained_like(M=8)
+    Xt, _ = toy_regression(11, seed=3)
+    before = m.predict(Xt)
+    path = tmp_path / "dkm.pt"
+    m.save(path)
+    pyro.clear_param_store()
+    m2 = DeepKernelMachine.load(path)
+    after = m2.predict(Xt)
+    assert torch.equal(before.loc, after.loc) and torch.equal(before.scale, after.scale)
+    # plain state_dict into a freshly constructed model
+    m3 = DeepKernelMachine(X[:8], depth=2, nu=[0.5, 2.0])
+    m3.load_state_dict(m.state_dict())
+    assert torch.equal(m3.predict(Xt).loc, before.loc)
+
+
+def test_multi_output_and_per_channel_covariance():
+    # two identical output channels with per-channel S: both channels predict the same.
+    X, y = toy_regression(30)
+    Y = torch.stack([y, y], -1)
+    m = DeepKernelMachine(X[:10], depth=1, out_channels=2, shared_covariance=False)
+    m.init_q(X, Y)
+    p = m.predict(X[:4])
+    assert p.loc.shape == (4, 2)
+    torch.testing.assert_close(p.loc[:, 0], p.loc[:, 1], rtol=1e-10, atol=1e-12)
+    loss = pyro.infer.TraceMeanField_ELBO().loss(m.model, m.guide, X, Y)
+    assert abs(-loss - float(m.objective(X, Y))) < 1e-8 * abs(loss)
+
+
+def test_categorical_training_learns_two_classes():
+    # XOR-like labels that a linear model cannot fit; a short fit reaches > 90% training
+    # accuracy (the NNGP-initialised DKM separates them easily).
+    from pyro_dkm.dkm import fit
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 2, generator=g, dtype=torch.float64)
+    X = torch.cat([X, torch.ones(60, 1, dtype=torch.float64)], -1)  # bias feature
+    labels = ((X[:, 0] * X[:, 1]) > 0).long()
+    m = DeepKernelMachine(select_inducing_points(X, 15), depth=1, likelihood="categorical",
+                          out_channels=2)
+    fit(m, X, labels, num_steps=150, lr=0.05, progress=False, seed=0)
+    probs = m.predict(X)
+    assert probs.shape == (60, 2)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(60, dtype=torch.float64))
+    acc = float((probs.argmax(-1) == labels).double().mean())
+    assert acc > 0.9, acc
+
+
+def test_pyrosample_prior_on_noise_with_autoguide():
+    # Hyper-parameters are PyroParams: swap noise for a prior and give it an AutoNormal
+    # guide next to the DKM's q(u); the model then has a latent "noise" site.
+    import pyro.distributions as dist
+    from pyro.infer.autoguide import AutoCallable, AutoGuideList, AutoNormal
+    from pyro.nn import PyroSample
+
+    X, y = toy_regression(20)
+    m = DeepKernelMachine(X[:6], depth=1)
+    m.noise = PyroSample(dist.LogNormal(torch.tensor(-2.0, dtype=torch.float64),
+                                        torch.tensor(1.0, dtype=torch.float64)))
+    guide = AutoGuideList(m.model)
+    guide.append(AutoNormal(pyro.poutine.block(m.model, expose=["noise"])))
+    guide.append(AutoCallable(m.model, m.guide))
+    svi = pyro.infer.SVI(m.model, guide, pyro.optim.Adam({"lr": 0.01}),
+                         pyro.infer.Trace_ELBO())
+    losses = [svi.step(X, y) for _ in range(30)]
+    assert all(math.isfinite(v) for v in losses)
+    tr = pyro.poutine.trace(m.model).get_trace(X, y)
+    assert tr.nodes["noise"]["type"] == "sample" and not tr.nodes["noise"]["is_observed"]
