@@ -48,7 +48,7 @@ def test_meanfield_elbo_equals_closed_form_objective():
     with torch.no_grad():
         m.output.u_loc_unconstrained.add_(0.1)
     loss = pyro.infer.TraceMeanField_ELBO().loss(m.model, m.guide, X, y)
-    obj = float(m.objective(X, y))
+    obj = m.objective(X, y).item()
     assert abs(-loss - obj) < 1e-9 * abs(obj), (loss, obj)
 
 
@@ -59,7 +59,7 @@ def test_trace_elbo_is_unbiased_monte_carlo_estimate(analytic):
     m, X, y = _trained_like(M=8, analytic_expectation=analytic)
     with torch.no_grad():
         m.output.u_loc_unconstrained.add_(0.2)
-    obj = float(m.objective(X, y))
+    obj = m.objective(X, y).item()
     elbo = pyro.infer.Trace_ELBO()
     draws = torch.tensor([-elbo.loss(m.model, m.guide, X, y) for _ in range(300)])
     se = float(draws.std()) / math.sqrt(len(draws))
@@ -71,7 +71,7 @@ def test_minibatch_elbo_is_unbiased_for_full_elbo():
     # plate subsampling scales a batch of B points by N/B: the mean over random batches
     # is the full-data ELBO, within 4 standard errors.
     m, X, y = _trained_like(M=8, n=40)
-    full = float(m.objective(X, y))
+    full = m.objective(X, y).item()
     elbo = pyro.infer.TraceMeanField_ELBO()
     draws = torch.tensor([-elbo.loss(m.model, m.guide, X, y, subsample_size=7)
                           for _ in range(400)])
@@ -81,7 +81,7 @@ def test_minibatch_elbo_is_unbiased_for_full_elbo():
     # user-supplied minibatches (num_data): a partition of the data sums to the full ELBO
     # with the per-batch scaling undone (exact identity, 1e-9 relative).
     parts = torch.arange(40).chunk(5)
-    kl_terms = float(m.objective(X, y)) - float(m.expected_log_likelihood(
+    kl_terms = m.objective(X, y).item() - float(m.expected_log_likelihood(
         *m.latent_marginals(X), m._check_y(y, 40)).sum())
     ells = []
     for idx in parts:
@@ -143,7 +143,7 @@ def test_multi_output_and_per_channel_covariance():
     assert p.loc.shape == (4, 2)
     torch.testing.assert_close(p.loc[:, 0], p.loc[:, 1], rtol=1e-10, atol=1e-12)
     loss = pyro.infer.TraceMeanField_ELBO().loss(m.model, m.guide, X, Y)
-    assert abs(-loss - float(m.objective(X, Y))) < 1e-8 * abs(loss)
+    assert abs(-loss - m.objective(X, Y).item()) < 1e-8 * abs(loss)
 
 
 def test_categorical_training_learns_two_classes():
