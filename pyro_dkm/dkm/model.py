@@ -3,7 +3,8 @@ r"""Sparse deep kernel machine as a Pyro model (Yang et al., ICML 2023).
 Objective (maximised; minibatch-unbiased)
 
 .. math:: \mathcal L = \sum_t \mathbb E_{q(f_t)} \log p(y_t\mid f_t)
-          - \sum_l \nu_l\,\mathrm{KL}\big(\mathcal N(0,G^l_{ii})\,\|\,\mathcal N(0,K(G^{l-1})_{ii})\big)
+          - \sum_l \nu_l\,\mathrm{KL}\big(\mathcal N(0,G^l_{ii})\,\|\,
+          \mathcal N(0,K(G^{l-1})_{ii})\big)
           - \sum_c \mathrm{KL}\big(q(u_c)\,\|\,\mathcal N(0,K(G^L)_{ii})\big).
 
 ``model`` adds ``pyro.factor(f"kl_{l}", -nu_l * KL_l)`` per learned Gram layer, samples

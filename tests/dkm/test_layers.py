@@ -1,12 +1,11 @@
 """Gram layers: propagation rule, KL, NNGP initialisation."""
 
 import torch
+from dkm_helpers import toy_regression
 
 from pyro_dkm.dkm import DeepKernelMachine, GramBlocks, GramLayer, propagate_gram
 from pyro_dkm.kernels import ReluGram
 from pyro_dkm.linalg import kl_zero_mean_gaussians_taylor
-
-from dkm_helpers import toy_regression
 
 
 def _random_pd(n, seed, dtype=torch.float64):
