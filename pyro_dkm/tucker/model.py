@@ -110,7 +110,7 @@ class FunctionalTucker:
         damping: float = 0.5,
         max_iter: int = 100,
         tol: float = 1e-4,
-        schedule: str = "parallel",
+        schedule: str = "sequential",
         seed: int | None = 0,
         dtype: torch.dtype = torch.float64,
         progress: bool = True,

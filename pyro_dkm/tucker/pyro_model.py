@@ -1,0 +1,203 @@
+"""FunBaT as a Pyro model: state-space GP factors, Tucker/CP core, any likelihood.
+
+The generative model is the one :class:`~pyro_dkm.tucker.FunctionalTucker`
+fits by conditional EP, written with ``pyro.sample`` statements so that it can
+be trained with SVI, given a different likelihood (Student-t, Poisson, ...)
+by overriding :meth:`PyroFunctionalTucker.likelihood`, or embedded in a bigger
+model. The latent state sequence of each factor ``u^k_r`` over the sorted
+unique coordinates of mode k has the Gauss-Markov prior
+:class:`GaussMarkovChain` (exact discretisation of the Matern SDE), whose
+log-density costs O(T d^3) and is vectorised over time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions.torch_distribution import TorchDistribution
+from pyro.nn import PyroModule
+from torch import Tensor
+from torch.distributions import constraints
+
+from ..linalg import cholesky
+from .model import _LETTERS, check_tensor_data
+from .ssm import _check_nu, discretise, matern_ssm
+
+__all__ = ["GaussMarkovChain", "PyroFunctionalTucker", "grids_and_index"]
+
+
+class GaussMarkovChain(TorchDistribution):
+    """Zero-mean Gauss-Markov chain :math:`x_0 \\sim N(0, P_0)`, :math:`x_t = A_t x_{t-1} + N(0, Q_t)`.
+
+    :param P0: (..., d, d) covariance of the first state.
+    :param A: (..., T, d, d) transitions (``A[..., 0, :, :]`` is unused).
+    :param Q: (..., T, d, d) process noise (``Q[..., 0, :, :]`` unused); must be
+        positive definite for t >= 1 (distinct coordinates).
+
+    ``event_shape = (T, d)``. Unlike ``pyro.distributions.GaussianHMM`` (which
+    integrates the states out), the states themselves are the random variable,
+    so a guide can put a posterior on them.
+    """
+
+    arg_constraints = {}
+    support = constraints.independent(constraints.real, 2)
+    has_rsample = True
+
+    def __init__(self, P0: Tensor, A: Tensor, Q: Tensor, validate_args=None):
+        T, d = A.shape[-3], A.shape[-1]
+        batch_shape = torch.broadcast_shapes(P0.shape[:-2], A.shape[:-3], Q.shape[:-3])
+        self.P0 = P0.expand(batch_shape + (d, d))
+        self.A = A.expand(batch_shape + (T, d, d))
+        self.Q = Q.expand(batch_shape + (T, d, d))
+        self._L0 = cholesky(self.P0, name="P0")
+        self._LQ = cholesky(self.Q[..., 1:, :, :], name="process noise Q") if T > 1 else None
+        super().__init__(batch_shape, torch.Size((T, d)), validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        new = self._get_checked_instance(GaussMarkovChain, _instance)
+        T, d = self.event_shape
+        new.P0 = self.P0.expand(batch_shape + (d, d))
+        new.A = self.A.expand(batch_shape + (T, d, d))
+        new.Q = self.Q.expand(batch_shape + (T, d, d))
+        new._L0 = self._L0.expand(batch_shape + (d, d))
+        new._LQ = None if self._LQ is None else self._LQ.expand(batch_shape + (T - 1, d, d))
+        super(GaussMarkovChain, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(x)
+        lp = dist.MultivariateNormal(torch.zeros_like(x[..., 0, :]), scale_tril=self._L0).log_prob(x[..., 0, :])
+        if self._LQ is not None:
+            pred = (self.A[..., 1:, :, :] @ x[..., :-1, :].unsqueeze(-1)).squeeze(-1)
+            lp = lp + dist.MultivariateNormal(pred, scale_tril=self._LQ).log_prob(x[..., 1:, :]).sum(-1)
+        return lp
+
+    def rsample(self, sample_shape=torch.Size()) -> Tensor:
+        shape = self._extended_shape(sample_shape)
+        eps = torch.randn(shape, dtype=self.A.dtype, device=self.A.device)
+        xs = [(self._L0 @ eps[..., 0, :].unsqueeze(-1)).squeeze(-1)]
+        for t in range(1, shape[-2]):
+            mean = (self.A[..., t, :, :] @ xs[-1].unsqueeze(-1)).squeeze(-1)
+            xs.append(mean + (self._LQ[..., t - 1, :, :] @ eps[..., t, :].unsqueeze(-1)).squeeze(-1))
+        return torch.stack(xs, -2)
+
+
+def grids_and_index(coords) -> tuple[list[Tensor], Tensor]:
+    """Sorted unique coordinates per mode and the (N, K) integer index of each entry into them."""
+    coords, _ = check_tensor_data(coords)
+    grids, idx = [], []
+    for k in range(coords.shape[1]):
+        u, inv = torch.unique(coords[:, k], sorted=True, return_inverse=True)
+        grids.append(u)
+        idx.append(inv)
+    return grids, torch.stack(idx, 1)
+
+
+class PyroFunctionalTucker(PyroModule):
+    """The FunBaT generative model in Pyro.
+
+    :param grids: list of K sorted 1-D tensors of unique coordinates per mode
+        (include the coordinates you want to predict at: their states are then
+        sampled from the conditional prior); see :func:`grids_and_index`.
+    :param ranks, nu, lengthscale, variance, core, core_prior_scale, noise_prior:
+        as in :class:`~pyro_dkm.tucker.FunctionalTucker`.
+
+    Sample sites: ``u_k`` (R_k, T_k, d_k) per mode inside plate ``factors_k``;
+    ``core`` (P,) ; ``tau`` (noise precision); ``obs`` in plate ``data``.
+    Train with ``SVI(model.model, guide, optim, Trace_ELBO())``.
+    """
+
+    def __init__(
+        self,
+        grids: Sequence[Tensor],
+        ranks: Sequence[int],
+        nu=1.5,
+        lengthscale=1.0,
+        variance=1.0,
+        *,
+        core: str = "tucker",
+        core_prior_scale: float = 1.0,
+        noise_prior: tuple[float, float] = (1e-3, 1e-3),
+    ):
+        super().__init__()
+        from .model import FunctionalTucker
+
+        # reuse the argument checks of the CEP model
+        spec = FunctionalTucker(ranks, nu, lengthscale, variance, core=core,
+                                core_prior_scale=core_prior_scale, noise_prior=noise_prior, progress=False)
+        if len(grids) != spec.K:
+            raise ValueError(f"grids must have one tensor per mode ({spec.K}), got {len(grids)}")
+        self.spec = spec
+        self.K = spec.K
+        self.ranks = spec.ranks
+        self.core_type = core
+        self._chains = []
+        for k, g in enumerate(grids):
+            g = torch.as_tensor(g, dtype=torch.float64)
+            if g.ndim != 1 or not torch.isfinite(g).all() or (g.diff() <= 0).any():
+                raise ValueError(f"grids[{k}] must be a finite, strictly increasing 1-D tensor")
+            ssm = matern_ssm(_check_nu(spec.nu[k]), spec.lengthscale[k], spec.variance[k])
+            A, Q = discretise(ssm, torch.cat([g.new_zeros(1), g.diff()]))
+            self._chains.append((ssm.P_inf, A, Q))
+        self.grids = [torch.as_tensor(g, dtype=torch.float64) for g in grids]
+
+    def prior_factors(self) -> list[Tensor]:
+        """Sample the factor states; returns u^k values, each (R_k, T_k)."""
+        us = []
+        for k, (P0, A, Q) in enumerate(self._chains):
+            with pyro.plate(f"factors_{k}", self.ranks[k]):
+                x = pyro.sample(f"u_{k}", GaussMarkovChain(P0, A, Q))
+            us.append(x[..., 0])
+        return us
+
+    def core_tensor(self, core: Tensor) -> Tensor:
+        """Dense core (R_1, ..., R_K) from the sampled ``core`` vector."""
+        if self.core_type == "tucker":
+            return core.reshape(self.ranks)
+        R = self.ranks[0]
+        full = core.new_zeros([R] * self.K)
+        r = torch.arange(R)
+        full[(r,) * self.K] = core
+        return full
+
+    def entries(self, us: list[Tensor], core: Tensor, index: Tensor) -> Tensor:
+        """Latent entries f_n = W x_1 u^1(i_n1) ... x_K u^K(i_nK) at integer grid indexes (N, K)."""
+        letters = _LETTERS[: self.K]
+        ops = [self.core_tensor(core)] + [us[k][:, index[:, k]].T for k in range(self.K)]
+        return torch.einsum(",".join([letters] + ["n" + c for c in letters]) + "->n", *ops)
+
+    def likelihood_params(self):
+        """Global likelihood parameters, sampled outside the data plate (default: noise precision)."""
+        a0, b0 = self.spec.a0, self.spec.b0
+        return pyro.sample("tau", dist.Gamma(torch.tensor(a0, dtype=torch.float64), torch.tensor(b0, dtype=torch.float64)))
+
+    def likelihood(self, f: Tensor, params) -> dist.Distribution:
+        """Observation distribution given latent entries ``f`` (override both methods for
+        e.g. ``dist.StudentT`` or ``dist.Poisson(f.exp())`` entries)."""
+        return dist.Normal(f, params.rsqrt())
+
+    def model(self, index: Tensor, values: Tensor | None = None, subsample_size: int | None = None):
+        """The generative model. ``index`` (N, K) long into ``grids``; ``values`` (N,)."""
+        if index.ndim != 2 or index.shape[1] != self.K:
+            raise ValueError(f"index must have shape (N, {self.K}), got {tuple(index.shape)}")
+        us = self.prior_factors()
+        P = math.prod(self.ranks) if self.core_type == "tucker" else self.ranks[0]
+        s = self.spec.core_prior_scale
+        core = pyro.sample("core", dist.Normal(torch.zeros(P, dtype=torch.float64), s).to_event(1))
+        params = self.likelihood_params()
+        N = index.shape[0]
+        with pyro.plate("data", N, subsample_size=subsample_size) as ind:
+            f = self.entries(us, core, index[ind])
+            obs = None if values is None else values[ind]
+            pyro.sample("obs", self.likelihood(f, params), obs=obs)
+        return f
+
+    def forward(self, index, values=None, subsample_size=None):
+        return self.model(index, values, subsample_size)
