@@ -207,7 +207,7 @@ class DeepKernelMachine(PyroModule):
                              f"dimension), got shape {tuple(X.shape)}")
         if X.shape[0] < 1:
             raise ValueError(f"{name} must have at least one row")
-        return X.to(self.dtype)
+        return X.to(device=self.input_layer.inducing_points.device, dtype=self.dtype)
 
     def _check_y(self, y, N: int, name: str = "y") -> Tensor | None:
         """Returns ``(N, C)`` floats (Gaussian) or ``(N,)`` class indices (categorical)."""
@@ -227,11 +227,12 @@ class DeepKernelMachine(PyroModule):
             if bool(((y < 0) | (y >= C)).any()):
                 raise ValueError(f"{name} holds class indices outside [0, {C - 1}] "
                                  f"(min {int(y.min())}, max {int(y.max())})")
-            return y.long()
+            return y.long().to(self.input_layer.inducing_points.device)
         check_tensor(y, name)
         C = self.out_channels
         if y.dim() == 1 and C == 1:
-            return y.to(self.dtype)[:, None]
+            return y.to(device=self.input_layer.inducing_points.device,
+                        dtype=self.dtype)[:, None]
         if y.dim() != 2 or y.shape[1] != C:
             raise ValueError(f"{name} must have shape (N,) or (N, {C}) for {C} output "
                              f"channel(s), got shape {tuple(y.shape)}")
@@ -343,7 +344,7 @@ class DeepKernelMachine(PyroModule):
 
     @torch.no_grad()
     @pyro_method
-    def init_q(self, X: Tensor, y: Tensor) -> None:
+    def init_q(self, X: Tensor, y: Tensor, *, batch_size: int = 4096) -> None:
         r"""Set ``q(u)`` to its optimum for the current Grams and noise (Gaussian
         likelihood; Titsias 2009): :math:`S = K (K + \sigma^{-2}K_{it}K_{ti})^{-1} K`,
         :math:`m_c = \sigma^{-2} S K^{-1} K_{it} y_c`. ``O(N M^2)``."""
@@ -352,13 +353,18 @@ class DeepKernelMachine(PyroModule):
         claim_param_store(self)
         X = self._check_X(X)
         y = self._check_y(y, X.shape[0])
-        K, K_tril, _ = self.forward_blocks(X)
-        A = solve_tril(K_tril, K.ti.mT)  # (M, N)
         s2 = self.noise
-        M = A.shape[0]
-        B = torch.eye(M, dtype=A.dtype, device=A.device) + A @ A.mT / s2
+        M = self.num_inducing
+        AAt = X.new_zeros(M, M)
+        Ay = X.new_zeros(M, y.shape[1])
+        for start in range(0, X.shape[0], batch_size):  # O(batch_size * M) memory
+            K, K_tril, _ = self.forward_blocks(X[start:start + batch_size])
+            A = solve_tril(K_tril, K.ti.mT)  # (M, b)
+            AAt += A @ A.mT
+            Ay += A @ y[start:start + batch_size]
+        B = torch.eye(M, dtype=A.dtype, device=A.device) + AAt / s2
         L_B = cholesky(B, name="I + A A^T / noise")
-        m = K_tril @ cholesky_solve(L_B, A @ y) / s2  # (M, C)
+        m = K_tril @ cholesky_solve(L_B, Ay) / s2  # (M, C)
         T = solve_tril(L_B, K_tril.mT)  # L_B^-1 L_K^T
         S_tril = cholesky(T.mT @ T, name="S")
         _set_param(self.output, "u_loc", m.mT)

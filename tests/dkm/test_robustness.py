@@ -49,7 +49,7 @@ def _float32_run(steps):
 
 
 def test_float32_tiny_nu_short_run():
-    _float32_run(300)
+    _float32_run(150)
 
 
 @pytest.mark.slow
