@@ -35,7 +35,7 @@ class ExactDeepKernelMachine(PyroModule):
 
     Args:
         X: ``(P, d)`` training inputs; y: ``(P,)`` or ``(P, C)`` targets.
-        depth, nu, kernel, noise, kl, lengthscale, dtype: as for
+        depth, nu, kernel, noise, kl, lengthscale, gram_parameterisation, dtype: as for
             :class:`~pyro_dkm.dkm.DeepKernelMachine`.
 
     ``model()`` adds ``pyro.factor(f"kl_{l}", -nu_l KL_l)`` and observes ``y`` under the
@@ -46,7 +46,7 @@ class ExactDeepKernelMachine(PyroModule):
     def __init__(self, X: Tensor, y: Tensor, *, depth: int = 2,
                  nu: float | Sequence[float] = 1.0, kernel: str | GramKernel | Sequence = "relu",
                  noise: float = 0.1, kl: str = "exact", lengthscale: float = 1.0,
-                 dtype: torch.dtype = torch.float64):
+                 gram_parameterisation: str = "cholesky", dtype: torch.dtype = torch.float64):
         super().__init__()
         check_tensor(X, "X", ndim=2)
         check_tensor(y, "y", min_ndim=1)
@@ -70,7 +70,7 @@ class ExactDeepKernelMachine(PyroModule):
         self.kernel_layers = PyroModule[torch.nn.ModuleList](
             [KernelLayer(k, lengthscale=lengthscale) for k in kernels])
         self.gram_layers = PyroModule[torch.nn.ModuleList](
-            [GramLayer(P, nu=v, kl=kl) for v in nus])
+            [GramLayer(P, nu=v, kl=kl, parameterisation=gram_parameterisation) for v in nus])
         self.noise = PyroParam(torch.tensor(float(noise), dtype=torch.float64),
                                constraints.positive)
         self.to(dtype)
@@ -80,8 +80,10 @@ class ExactDeepKernelMachine(PyroModule):
     def reset_to_nngp(self) -> None:
         G = self._input_gram()
         for kern, gl in zip(self.kernel_layers, self.gram_layers):
-            gl.set_gram(kern.kernel()(G))
-            G = gl.inducing_gram
+            K = kern.kernel()(G)
+            gl.reset_to_prior(K)
+            G_tril = gl.factor(cholesky(K, name="K"))
+            G = G_tril @ G_tril.mT
 
     def _input_gram(self) -> Tensor:
         X = self.X_train
@@ -96,7 +98,7 @@ class ExactDeepKernelMachine(PyroModule):
         for kern, gl in zip(self.kernel_layers, self.gram_layers):
             K = kern.kernel()(G)
             K_tril = cholesky(K, name="K (kernel of the previous layer's Gram)")
-            G_tril = gl.gram_tril
+            G_tril = gl.factor(K_tril)
             kls.append(gl.kl(K, G_tril, K_tril))
             G = G_tril @ G_tril.mT
             Gs.append(G)
@@ -143,7 +145,9 @@ class ExactDeepKernelMachine(PyroModule):
         for s in range(0, X.shape[0], batch_size):
             G = self.input_layer(X[s:s + batch_size])
             for kern, gl in zip(self.kernel_layers, self.gram_layers):
-                G = propagate_gram(kern(G), gl.gram_tril)
+                K = kern(G)
+                K_tril = cholesky(K.ii, name="K (kernel of the previous layer's Gram)")
+                G = propagate_gram(K, gl.factor(K_tril), K_tril)
             K = self.kernel_layers[-1](G)
             means.append(K.ti @ alpha)
             v = K.t_diag - solve_tril(L, K.ti.mT).pow(2).sum(-2)

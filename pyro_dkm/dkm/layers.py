@@ -178,7 +178,16 @@ class GramLayer(PyroModule):
     r"""Learned Gram layer with regulariser :math:`\nu\,\mathrm{KL}(\mathcal N(0,G_{ii})\|
     \mathcal N(0,K_{ii}))`.
 
-    :math:`G_{ii} = L L^T` with ``L = tril(gram_tril_offdiag, -1) + diag(exp(gram_log_diag))``.
+    The free parameter is a lower-triangular ``V = tril(gram_tril_offdiag, -1) +
+    diag(exp(gram_log_diag))``:
+
+    * ``parameterisation="cholesky"`` (default): :math:`G_{ii} = V V^T`, initialised at
+      ``V = chol(K_ii)`` (the NNGP);
+    * ``"whitened"``: :math:`G_{ii} = L_K V V^T L_K^T` with :math:`L_K = \mathrm{chol}(K_{ii})`
+      (``L_K V`` is again a Cholesky factor), initialised at ``V = I``. The KL is then
+      :math:`\tfrac12(\|V\|_F^2 - 2\sum\log V_{mm} - M)`, independent of ``K``: moving the
+      inducing inputs or earlier layers does not move this layer off the NNGP, which keeps
+      Adam well conditioned for large ``nu``.
 
     Args:
         num_inducing: ``M``.
@@ -186,9 +195,11 @@ class GramLayer(PyroModule):
             data; :math:`\nu\to\infty` is the NNGP).
         kl: ``"exact"`` (default) or ``"taylor"`` (:math:`\tfrac14\|L^{-1}K L^{-T}-I\|_F^2`,
             finite for badly conditioned Grams).
+        parameterisation: ``"cholesky"`` or ``"whitened"``.
     """
 
-    def __init__(self, num_inducing: int, nu: float = 1.0, kl: str = "exact"):
+    def __init__(self, num_inducing: int, nu: float = 1.0, kl: str = "exact",
+                 parameterisation: str = "cholesky"):
         super().__init__()
         if not isinstance(num_inducing, int) or num_inducing < 1:
             raise ValueError(f"num_inducing must be a positive int, got {num_inducing!r}")
@@ -197,16 +208,40 @@ class GramLayer(PyroModule):
             raise ValueError(f"nu must be positive and finite, got {nu}")
         if kl not in ("exact", "taylor"):
             raise ValueError(f"kl must be 'exact' or 'taylor', got {kl!r}")
+        if parameterisation not in ("cholesky", "whitened"):
+            raise ValueError(f"parameterisation must be 'cholesky' or 'whitened', got "
+                             f"{parameterisation!r}")
         self.nu = nu
         self.kl_form = kl
+        self.parameterisation = parameterisation
         M = num_inducing
         self.gram_tril_offdiag = torch.nn.Parameter(torch.zeros(M, M, dtype=torch.float64))
         self.gram_log_diag = torch.nn.Parameter(torch.zeros(M, dtype=torch.float64))
 
     @property
-    def gram_tril(self) -> Tensor:
-        """``(M, M)`` lower Cholesky factor of the learned inducing Gram."""
+    def whitened(self) -> bool:
+        return self.parameterisation == "whitened"
+
+    def raw_factor(self) -> Tensor:
+        """The parameter ``V`` ``(M, M)``, lower triangular with positive diagonal."""
         return torch.tril(self.gram_tril_offdiag, -1) + torch.diag_embed(self.gram_log_diag.exp())
+
+    def factor(self, K_tril: Tensor | None = None) -> Tensor:
+        """Lower Cholesky factor of the learned inducing Gram (``K_tril`` = chol of the
+        previous layer's kernel at the inducing points: needed when whitened)."""
+        V = self.raw_factor()
+        if not self.whitened:
+            return V
+        if K_tril is None:
+            raise ValueError("a whitened GramLayer needs K_tril (the Cholesky factor of the "
+                             "kernel at the inducing points) to form its Gram")
+        return K_tril @ V
+
+    @property
+    def gram_tril(self) -> Tensor:
+        """``(M, M)`` lower Cholesky factor of the learned inducing Gram (Cholesky
+        parameterisation; use :meth:`factor` when whitened)."""
+        return self.factor()
 
     @property
     def inducing_gram(self) -> Tensor:
@@ -214,24 +249,44 @@ class GramLayer(PyroModule):
         return L @ L.mT
 
     @torch.no_grad()
-    def set_gram(self, G_ii: Tensor | None = None, *, G_tril: Tensor | None = None) -> None:
-        """Set the learned inducing Gram (e.g. to the NNGP value ``K_ii``)."""
+    def set_gram(self, G_ii: Tensor | None = None, *, G_tril: Tensor | None = None,
+                 K_tril: Tensor | None = None) -> None:
+        """Set the learned inducing Gram (whitened: also give ``K_tril``)."""
         if G_tril is None:
             G_tril = cholesky(G_ii, name="G_ii")
+        if self.whitened:
+            if K_tril is None:
+                raise ValueError("set_gram of a whitened GramLayer needs K_tril")
+            G_tril = solve_tril(K_tril, G_tril)
         self.gram_tril_offdiag.copy_(torch.tril(G_tril, -1))
         self.gram_log_diag.copy_(G_tril.diagonal().log())
+
+    @torch.no_grad()
+    def reset_to_prior(self, K_ii: Tensor) -> None:
+        """Set ``G_ii = K_ii`` (the NNGP value)."""
+        if self.whitened:
+            self.gram_tril_offdiag.zero_()
+            self.gram_log_diag.zero_()
+        else:
+            self.set_gram(K_ii)
 
     def kl(self, K_ii: Tensor, G_tril: Tensor, K_tril: Tensor) -> Tensor:
         if self.kl_form == "taylor":
             return kl_zero_mean_gaussians_taylor(None, K_ii, G_tril=G_tril)
+        if self.whitened:
+            # KL(N(0, L V V^T L^T) || N(0, L L^T)) = KL(N(0, V V^T) || N(0, I))
+            M = self.gram_log_diag.shape[-1]
+            V = self.raw_factor()
+            return 0.5 * (V.pow(2).sum() - M) - self.gram_log_diag.sum()
         return kl_zero_mean_gaussians(None, None, G_tril=G_tril, K_tril=K_tril)
 
     def forward(self, K: GramBlocks) -> tuple[GramBlocks, Tensor]:
         """Returns the learned Gram blocks and this layer's (unweighted) KL."""
         K_tril = cholesky(K.ii, name="K_ii (kernel at the inducing points)")
-        G_tril = self.gram_tril
+        G_tril = self.factor(K_tril)
         G = propagate_gram(K, G_tril, K_tril)
         return G, self.kl(K.ii, G_tril, K_tril)
 
     def extra_repr(self) -> str:
-        return f"num_inducing={self.gram_log_diag.shape[0]}, nu={self.nu}, kl={self.kl_form!r}"
+        return (f"num_inducing={self.gram_log_diag.shape[0]}, nu={self.nu}, "
+                f"kl={self.kl_form!r}, parameterisation={self.parameterisation!r}")

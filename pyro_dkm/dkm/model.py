@@ -107,6 +107,9 @@ class DeepKernelMachine(PyroModule):
             ELBO with ``TraceMeanField_ELBO``); if False use the sampled ``u`` (a pure
             generative model, an unbiased Monte-Carlo ELBO).
         lengthscale: initial lengthscale of named kernels that have one.
+        gram_parameterisation: ``"cholesky"`` (``G_ii = V V^T``, initialised at
+            ``chol(K_ii)``) or ``"whitened"`` (``G_ii = L_K V V^T L_K^T``, ``V = I`` at the
+            start; better conditioned for large ``nu``); see :class:`GramLayer`.
         dtype: parameter dtype (default float64); inputs are cast to it.
 
     Hyper-parameters (``noise``, kernel ``lengthscale``s) are ``PyroParam``; replace any with
@@ -129,6 +132,7 @@ class DeepKernelMachine(PyroModule):
         analytic_expectation: bool = True,
         num_likelihood_samples: int = 8,
         lengthscale: float = 1.0,
+        gram_parameterisation: str = "cholesky",
         dtype: torch.dtype = torch.float64,
     ):
         super().__init__()
@@ -155,7 +159,8 @@ class DeepKernelMachine(PyroModule):
                             learn_inducing=learn_inducing, shared_covariance=shared_covariance,
                             analytic_expectation=analytic_expectation,
                             num_likelihood_samples=num_likelihood_samples,
-                            lengthscale=lengthscale, dtype=dtype)
+                            lengthscale=lengthscale,
+                            gram_parameterisation=gram_parameterisation, dtype=dtype)
         self.depth = depth
         self.num_inducing = M
         self.out_channels = out_channels
@@ -169,7 +174,7 @@ class DeepKernelMachine(PyroModule):
         self.kernel_layers = PyroModule[torch.nn.ModuleList](
             [KernelLayer(k, lengthscale=lengthscale) for k in kernels])
         self.gram_layers = PyroModule[torch.nn.ModuleList](
-            [GramLayer(M, nu=v, kl=kl) for v in nus])
+            [GramLayer(M, nu=v, kl=kl, parameterisation=gram_parameterisation) for v in nus])
         self.output = SparseGPOutput(M, out_channels, shared_covariance)
         if likelihood == "gaussian":
             self.noise = PyroParam(torch.tensor(float(noise), dtype=torch.float64),
@@ -190,7 +195,7 @@ class DeepKernelMachine(PyroModule):
         G = self.input_layer(self.input_layer.inducing_points[:1])
         for kern, gl in zip(self.kernel_layers, self.gram_layers):
             K = kern(G)
-            gl.set_gram(K.ii)
+            gl.reset_to_prior(K.ii)
             G, _ = gl(K)
         K = self.kernel_layers[-1](G)
         K_tril = cholesky(K.ii, name="K_ii (top-layer kernel at the inducing points)")
