@@ -11,10 +11,10 @@ from .gram_blocks import GramBlocks
 from .layers import KERNELS, GramLayer, InputGram, KernelLayer, propagate_gram
 from .model import DeepKernelMachine, select_inducing_points
 from .output import SparseGPOutput, conditional_weights
-from .training import FitResult, fit, validation_metric
+from .training import FitResult, fit, fit_lbfgs, validation_metric
 
 __all__ = [
     "DeepKernelMachine", "ExactDeepKernelMachine", "GramBlocks", "GramLayer", "InputGram",
     "KernelLayer", "KERNELS", "SparseGPOutput", "conditional_weights", "propagate_gram",
-    "select_inducing_points", "fit", "FitResult", "validation_metric",
+    "select_inducing_points", "fit", "fit_lbfgs", "FitResult", "validation_metric",
 ]

@@ -5,7 +5,7 @@ import pyro.infer
 import torch
 from dkm_helpers import perturb_grams, toy_regression
 
-from pyro_dkm.dkm import ExactDeepKernelMachine
+from pyro_dkm.dkm import ExactDeepKernelMachine, fit_lbfgs
 from pyro_dkm.kernels import Dense, Relu, serial
 
 
@@ -28,19 +28,8 @@ def _nngp_regression(X, y, Xt, noise, depth):
 
 
 def _lbfgs(model, iters=200, grams_only=False, rounds=3):
-    params = [p for n, p in model.named_parameters() if "gram" in n or not grams_only]
-    opt = torch.optim.LBFGS(params, lr=1, max_iter=iters, tolerance_grad=1e-12,
-                            tolerance_change=1e-14, history_size=50,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = -model.objective()
-        loss.backward()
-        return loss
-
-    for _ in range(rounds):
-        opt.step(closure)
+    fit_lbfgs(model, max_iter=iters, grams_only=grams_only, rounds=rounds,
+              tolerance_grad=1e-12)
     return model
 
 
