@@ -58,7 +58,6 @@ class ExactDeepKernelMachine(PyroModule):
             raise ValueError(f"depth must be a non-negative int, got {depth!r}")
         if not noise > 0:
             raise ValueError(f"noise must be positive, got {noise}")
-        self.dtype = dtype
         self.depth = depth
         self.out_channels = 1 if y.dim() == 1 else y.shape[1]
         self.likelihood = "gaussian"
@@ -75,6 +74,10 @@ class ExactDeepKernelMachine(PyroModule):
                                constraints.positive)
         self.to(dtype)
         self.reset_to_nngp()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.X_train.dtype
 
     @torch.no_grad()
     def reset_to_nngp(self) -> None:

@@ -167,7 +167,6 @@ class DeepKernelMachine(PyroModule):
         self.likelihood = likelihood
         self.analytic_expectation = bool(analytic_expectation)
         self.num_likelihood_samples = int(num_likelihood_samples)
-        self.dtype = dtype
         nus = [float(v) for v in _per_layer(nu, depth, "nu")]
         kernels = _per_layer(kernel, depth + 1, "kernel")
         self.input_layer = InputGram(inducing_points.to(torch.float64), learn_inducing)
@@ -183,6 +182,11 @@ class DeepKernelMachine(PyroModule):
         self.reset_to_nngp()
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        """Parameter dtype (follows ``.to()`` / ``.double()``)."""
+        return self.input_layer.inducing_points.dtype
+
     @property
     def nu(self) -> list[float]:
         return [layer.nu for layer in self.gram_layers]
@@ -241,7 +245,7 @@ class DeepKernelMachine(PyroModule):
         if y.dim() != 2 or y.shape[1] != C:
             raise ValueError(f"{name} must have shape (N,) or (N, {C}) for {C} output "
                              f"channel(s), got shape {tuple(y.shape)}")
-        return y.to(self.dtype)
+        return y.to(device=self.input_layer.inducing_points.device, dtype=self.dtype)
 
     @pyro_method
     def forward_blocks(self, X: Tensor) -> tuple[GramBlocks, Tensor, list[Tensor]]:
