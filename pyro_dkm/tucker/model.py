@@ -353,9 +353,15 @@ class FunctionalTucker:
         self.msg_eta = [torch.zeros_like(m) for m in self.u_mean]
         self._states = [None] * self.K
         P = math.prod(self.ranks) if self.core_type == "tucker" else self.ranks[0]
-        self.core_mean = y.new_zeros(P)
-        self.core_cov = torch.eye(P, dtype=self.dtype) * self.core_prior_scale**2
-        self.tau_a, self.tau_b = self.a0, self.b0
+        # start away from the degenerate all-zero fixed point: core N(0, s^2) (CP: ones),
+        # small core covariance, and the noise precision at 1 / var(y)
+        if self.core_type == "cp":
+            self.core_mean = torch.ones(P, dtype=self.dtype)
+        else:
+            self.core_mean = torch.randn(P, generator=gen, dtype=self.dtype) * self.core_prior_scale
+        self.core_cov = torch.eye(P, dtype=self.dtype) * 1e-6
+        self.tau_a = 1.0
+        self.tau_b = float(y.var().clamp_min(1e-12)) if N > 1 else 1.0
         yy = (y * y).sum()
         self.history = []
         f_old = None
@@ -364,7 +370,22 @@ class FunctionalTucker:
         bar = tqdm(range(self.max_iter), desc="FunBaT CEP", disable=not self.progress, leave=False)
         self.converged = False
         for it in bar:
+            # factor messages + Kalman/RTS per mode
             mv = [self._gather(k, self._idx[k]) for k in range(self.K)]
+            Etau = self.tau_a / self.tau_b
+            groups = [list(range(self.K))] if self.schedule == "parallel" else [[k] for k in range(self.K)]
+            for modes in groups:
+                Mfull, Vfull, _ = self._core_full()
+                for k in modes:
+                    lam, eta = self._factor_messages(k, mv, self._idx[k], y, Etau, Mfull, Vfull)
+                    rho = self.damping if it > 0 else 1.0
+                    self.msg_lam[k] = (1 - rho) * self.msg_lam[k] + rho * lam
+                    self.msg_eta[k] = (1 - rho) * self.msg_eta[k] + rho * eta
+                self._run_chains(modes)
+                if self.schedule == "sequential":
+                    mv = [self._gather(j, self._idx[j]) for j in range(self.K)]
+            mv = [self._gather(k, self._idx[k]) for k in range(self.K)]
+            Etau = self.tau_a / self.tau_b
             # closed-form core update: N(mu, Sigma), Sigma^-1 = I/s^2 + E[tau] sum E[b b^T]
             Etau = self.tau_a / self.tau_b
             S, h = self._sufficient_core_stats(mv, y)
@@ -378,18 +399,6 @@ class FunctionalTucker:
             self.tau_a = self.a0 + 0.5 * N
             self.tau_b = self.b0 + 0.5 * float(sse.clamp_min(0))
             Etau = self.tau_a / self.tau_b
-            # factor messages + Kalman/RTS per mode
-            groups = [list(range(self.K))] if self.schedule == "parallel" else [[k] for k in range(self.K)]
-            for modes in groups:
-                Mfull, Vfull, _ = self._core_full()
-                for k in modes:
-                    lam, eta = self._factor_messages(k, mv, self._idx[k], y, Etau, Mfull, Vfull)
-                    rho = self.damping if it > 0 else 1.0
-                    self.msg_lam[k] = (1 - rho) * self.msg_lam[k] + rho * lam
-                    self.msg_eta[k] = (1 - rho) * self.msg_eta[k] + rho * eta
-                self._run_chains(modes)
-                if self.schedule == "sequential":
-                    mv = [self._gather(j, self._idx[j]) for j in range(self.K)]
             f = self._mean_at(self._idx)
             rmse = float(((f - y) ** 2).mean().sqrt())
             delta = float("inf") if f_old is None else float((f - f_old).norm() / f_old.norm().clamp_min(1e-300))
