@@ -22,13 +22,16 @@ def _trained_like(depth=2, n=30, M=None, seed=0, **kw):
     return m, X, y
 
 
-def test_sparse_with_inducing_set_equal_to_training_set_is_exact_dkm():
+@pytest.mark.parametrize("kernel", ["relu", ["sqexp", "normalised_gaussian", "erf"]])
+def test_sparse_with_inducing_set_equal_to_training_set_is_exact_dkm(kernel):
     # Z = X, same learned Grams, q(u) at its closed-form optimum: the sparse objective
     # equals the exact DKM objective (the SVGP bound is tight when Z = X). Tolerance 1e-6.
     X, y = toy_regression(25)
-    exact = ExactDeepKernelMachine(X, y, depth=2, nu=[0.5, 2.0], noise=0.05)
+    exact = ExactDeepKernelMachine(X, y, depth=2, nu=[0.5, 2.0], noise=0.05, kernel=kernel,
+                                   lengthscale=1.3)
     perturb_grams(exact, 0.3)
-    sparse = DeepKernelMachine(X, depth=2, nu=[0.5, 2.0], noise=0.05)
+    sparse = DeepKernelMachine(X, depth=2, nu=[0.5, 2.0], noise=0.05, kernel=kernel,
+                               lengthscale=1.3)
     for ls, le in zip(sparse.gram_layers, exact.gram_layers):
         ls.set_gram(G_tril=le.gram_tril.detach())
     sparse.init_q(X, y)
@@ -184,3 +187,16 @@ def test_pyrosample_prior_on_noise_with_autoguide():
     assert all(math.isfinite(v) for v in losses)
     tr = pyro.poutine.trace(m.model).get_trace(X, y)
     assert tr.nodes["noise"]["type"] == "sample" and not tr.nodes["noise"]["is_observed"]
+
+
+def test_kernel_lengthscale_is_a_learned_pyroparam():
+    # named kernels with a lengthscale register it as a PyroParam that SVI updates
+    X, y = toy_regression(30)
+    m = DeepKernelMachine(X[:8], depth=1, kernel="sqexp", lengthscale=2.0)
+    tr = pyro.poutine.trace(m.model).get_trace(X, y)
+    assert "kernel_layers.0.lengthscale" in tr.nodes
+    svi = pyro.infer.SVI(m.model, m.guide, pyro.optim.Adam({"lr": 0.05}),
+                         pyro.infer.TraceMeanField_ELBO())
+    for _ in range(5):
+        svi.step(X, y)
+    assert float(m.kernel_layers[0].lengthscale.detach()) != 2.0
