@@ -97,7 +97,9 @@ def rts_smoother(A: Tensor, filt: FilterResult) -> SmootherResult:
         Pp = filt.P_pred[:, t + 1]
         # G = Pf A^T Pp^{-1}  <=>  G^T = Pp^{-1} A Pf  (Pp symmetric)
         G = torch.linalg.solve(Pp, A[:, t + 1] @ Pf).transpose(-1, -2)
-        m_s[:, t] = filt.m_filt[:, t] + (G @ (m_s[:, t + 1] - filt.m_pred[:, t + 1]).unsqueeze(-1)).squeeze(-1)
+        m_s[:, t] = filt.m_filt[:, t] + (
+            G @ (m_s[:, t + 1] - filt.m_pred[:, t + 1]).unsqueeze(-1)
+        ).squeeze(-1)
         P_s[:, t] = _sym(Pf + G @ (P_s[:, t + 1] - Pp) @ G.transpose(-1, -2))
     return SmootherResult(m_s, P_s)
 
@@ -127,7 +129,9 @@ def condition_on_neighbours(
     zero_m = torch.zeros_like(m_left)
     m0 = torch.where(has_left[..., None], m_left, zero_m)
     P0 = torch.where(has_left[..., None, None], P_left, P_inf)
-    Al = torch.where(has_left[..., None, None], A_left, torch.eye(A_left.shape[-1], dtype=A_left.dtype))
+    Al = torch.where(
+        has_left[..., None, None], A_left, torch.eye(A_left.shape[-1], dtype=A_left.dtype)
+    )
     Ql = torch.where(has_left[..., None, None], Q_left, torch.zeros_like(Q_left))
     m = (Al @ m0.unsqueeze(-1)).squeeze(-1)
     P = _sym(Al @ P0 @ Al.transpose(-1, -2) + Ql)

@@ -38,7 +38,9 @@ _LETTERS = string.ascii_lowercase.replace("n", "").replace("z", "")
 def _per_mode(x, K: int, name: str) -> list:
     if isinstance(x, (list, tuple)):
         if len(x) != K:
-            raise ValueError(f"{name} must be a scalar or a sequence of {K} values (one per mode), got {len(x)}")
+            raise ValueError(
+                f"{name} must be a scalar or a sequence of {K} values (one per mode), got {len(x)}"
+            )
         return list(x)
     return [x] * K
 
@@ -49,9 +51,13 @@ def check_tensor_data(coords, values=None, *, n_modes: int | None = None, dtype=
         try:
             coords = torch.as_tensor(coords)
         except Exception as e:  # noqa: BLE001
-            raise TypeError(f"coords must be a tensor or array of shape (N, K), got {type(coords)}") from e
+            raise TypeError(
+                f"coords must be a tensor or array of shape (N, K), got {type(coords)}"
+            ) from e
     if coords.ndim != 2:
-        raise ValueError(f"coords must have shape (N, K) (one column per mode), got shape {tuple(coords.shape)}")
+        raise ValueError(
+            f"coords must have shape (N, K) (one column per mode), got shape {tuple(coords.shape)}"
+        )
     if n_modes is not None and coords.shape[1] != n_modes:
         raise ValueError(
             f"coords must have {n_modes} columns (one per mode, the length of ranks), got {coords.shape[1]}"
@@ -68,11 +74,17 @@ def check_tensor_data(coords, values=None, *, n_modes: int | None = None, dtype=
         return coords, None
     if not torch.is_tensor(values):
         values = torch.as_tensor(values)
-    values = values.to(dtype).reshape(-1) if values.ndim == 2 and values.shape[-1] == 1 else values.to(dtype)
+    values = (
+        values.to(dtype).reshape(-1)
+        if values.ndim == 2 and values.shape[-1] == 1
+        else values.to(dtype)
+    )
     if values.ndim != 1:
         raise ValueError(f"values must have shape (N,), got {tuple(values.shape)}")
     if values.shape[0] != coords.shape[0]:
-        raise ValueError(f"values has {values.shape[0]} entries but coords has {coords.shape[0]} rows")
+        raise ValueError(
+            f"values has {values.shape[0]} entries but coords has {coords.shape[0]} rows"
+        )
     if not torch.isfinite(values).all():
         bad = (~torch.isfinite(values)).nonzero()[:5, 0].tolist()
         raise ValueError(f"values must be finite (NaN/inf at entries {bad}...)")
@@ -224,7 +236,9 @@ class FunctionalTucker:
             h = h + zb.sum(0)
         return S, h
 
-    def _factor_messages(self, k: int, mv: list, idx_k: Tensor, y: Tensor, Etau: float, Mfull, Vfull):
+    def _factor_messages(
+        self, k: int, mv: list, idx_k: Tensor, y: Tensor, Etau: float, Mfull, Vfull
+    ):
         """Conditional Gaussian messages to u^k_r at each unique coordinate: (R_k, U_k) each."""
         K = self.K
         letters = _LETTERS[:K]
@@ -373,7 +387,11 @@ class FunctionalTucker:
             # factor messages + Kalman/RTS per mode
             mv = [self._gather(k, self._idx[k]) for k in range(self.K)]
             Etau = self.tau_a / self.tau_b
-            groups = [list(range(self.K))] if self.schedule == "parallel" else [[k] for k in range(self.K)]
+            groups = (
+                [list(range(self.K))]
+                if self.schedule == "parallel"
+                else [[k] for k in range(self.K)]
+            )
             for modes in groups:
                 Mfull, Vfull, _ = self._core_full()
                 for k in modes:
@@ -401,9 +419,15 @@ class FunctionalTucker:
             Etau = self.tau_a / self.tau_b
             f = self._mean_at(self._idx)
             rmse = float(((f - y) ** 2).mean().sqrt())
-            delta = float("inf") if f_old is None else float((f - f_old).norm() / f_old.norm().clamp_min(1e-300))
+            delta = (
+                float("inf")
+                if f_old is None
+                else float((f - f_old).norm() / f_old.norm().clamp_min(1e-300))
+            )
             f_old = f
-            self.history.append({"iter": it, "train_rmse": rmse, "delta": delta, "noise_std": (1 / Etau) ** 0.5})
+            self.history.append(
+                {"iter": it, "train_rmse": rmse, "delta": delta, "noise_std": (1 / Etau) ** 0.5}
+            )
             bar.set_postfix(rmse=f"{rmse:.4f}", delta=f"{delta:.1e}")
             if delta < self.tol:
                 self.converged = True
@@ -471,16 +495,26 @@ class FunctionalTucker:
             hl = has_left.expand(R, -1)
             hr = has_right.expand(R, -1)
             mq, Pq = condition_on_neighbours(
-                Al, Ql, Ar, Qr,
-                m_f[:, li], P_f[:, li], m_s[:, ri], P_s[:, ri],
-                hl, hr, ssm.P_inf[:, None].expand_as(Al),
+                Al,
+                Ql,
+                Ar,
+                Qr,
+                m_f[:, li],
+                P_f[:, li],
+                m_s[:, ri],
+                P_s[:, ri],
+                hl,
+                hr,
+                ssm.P_inf[:, None].expand_as(Al),
             )
             mean[:, ne] = mq[..., 0]
             var[:, ne] = Pq[..., 0, 0]
         return mean[:, inv].T, var[:, inv].T.clamp_min(0)
 
     @torch.no_grad()
-    def predict(self, coords, *, include_noise: bool = True, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    def predict(
+        self, coords, *, include_noise: bool = True, chunk: int = 1024
+    ) -> tuple[Tensor, Tensor]:
         """Predictive mean and variance of entries at arbitrary continuous coordinates.
 
         :param coords: (M, K) coordinates.

@@ -73,19 +73,25 @@ class GaussMarkovChain(TorchDistribution):
     def log_prob(self, x: Tensor) -> Tensor:
         if self._validate_args:
             self._validate_sample(x)
-        lp = dist.MultivariateNormal(torch.zeros_like(x[..., 0, :]), scale_tril=self._L0).log_prob(x[..., 0, :])
+        lp = dist.MultivariateNormal(torch.zeros_like(x[..., 0, :]), scale_tril=self._L0).log_prob(
+            x[..., 0, :]
+        )
         if self._LQ is not None:
             pred = (self.A[..., 1:, :, :] @ x[..., :-1, :].unsqueeze(-1)).squeeze(-1)
-            lp = lp + dist.MultivariateNormal(pred, scale_tril=self._LQ).log_prob(x[..., 1:, :]).sum(-1)
+            lp = lp + dist.MultivariateNormal(pred, scale_tril=self._LQ).log_prob(
+                x[..., 1:, :]
+            ).sum(-1)
         return lp
 
-    def rsample(self, sample_shape=torch.Size()) -> Tensor:
+    def rsample(self, sample_shape=torch.Size()) -> Tensor:  # noqa: B008
         shape = self._extended_shape(sample_shape)
         eps = torch.randn(shape, dtype=self.A.dtype, device=self.A.device)
         xs = [(self._L0 @ eps[..., 0, :].unsqueeze(-1)).squeeze(-1)]
         for t in range(1, shape[-2]):
             mean = (self.A[..., t, :, :] @ xs[-1].unsqueeze(-1)).squeeze(-1)
-            xs.append(mean + (self._LQ[..., t - 1, :, :] @ eps[..., t, :].unsqueeze(-1)).squeeze(-1))
+            xs.append(
+                mean + (self._LQ[..., t - 1, :, :] @ eps[..., t, :].unsqueeze(-1)).squeeze(-1)
+            )
         return torch.stack(xs, -2)
 
 
@@ -130,8 +136,16 @@ class PyroFunctionalTucker(PyroModule):
         from .model import FunctionalTucker
 
         # reuse the argument checks of the CEP model
-        spec = FunctionalTucker(ranks, nu, lengthscale, variance, core=core,
-                                core_prior_scale=core_prior_scale, noise_prior=noise_prior, progress=False)
+        spec = FunctionalTucker(
+            ranks,
+            nu,
+            lengthscale,
+            variance,
+            core=core,
+            core_prior_scale=core_prior_scale,
+            noise_prior=noise_prior,
+            progress=False,
+        )
         if len(grids) != spec.K:
             raise ValueError(f"grids must have one tensor per mode ({spec.K}), got {len(grids)}")
         self.spec = spec
@@ -176,7 +190,12 @@ class PyroFunctionalTucker(PyroModule):
     def likelihood_params(self):
         """Global likelihood parameters, sampled outside the data plate (default: noise precision)."""
         a0, b0 = self.spec.a0, self.spec.b0
-        return pyro.sample("tau", dist.Gamma(torch.tensor(a0, dtype=torch.float64), torch.tensor(b0, dtype=torch.float64)))
+        return pyro.sample(
+            "tau",
+            dist.Gamma(
+                torch.tensor(a0, dtype=torch.float64), torch.tensor(b0, dtype=torch.float64)
+            ),
+        )
 
     def likelihood(self, f: Tensor, params) -> dist.Distribution:
         """Observation distribution given latent entries ``f`` (override both methods for

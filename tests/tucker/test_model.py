@@ -54,7 +54,9 @@ def test_recovers_held_out_entries_near_noise_level():
 
 def test_cp_is_diagonal_core():
     X, y, f = _synthetic([20, 25, 30], [2, 2, 2], 1500, 0.1, seed=4)
-    m = FunctionalTucker([2, 2, 2], core="cp", lengthscale=2.0, progress=False, max_iter=60).fit(X, y)
+    m = FunctionalTucker([2, 2, 2], core="cp", lengthscale=2.0, progress=False, max_iter=60).fit(
+        X, y
+    )
     Mfull, _, _ = m._core_full()
     assert m.core_mean.shape == (2,)
     off = Mfull.clone()
@@ -71,7 +73,9 @@ def test_cep_and_pyro_svi_agree():
     noise = 0.1
     X, y, f = _synthetic([5, 6, 7], [2, 2, 2], 200, noise, seed=5)
     ntr = 160
-    cep = FunctionalTucker([2, 2, 2], lengthscale=2.0, progress=False, max_iter=400, tol=1e-7, seed=1)
+    cep = FunctionalTucker(
+        [2, 2, 2], lengthscale=2.0, progress=False, max_iter=400, tol=1e-7, seed=1
+    )
     cep.fit(X[:ntr], y[:ntr])
     mu_cep, _ = cep.predict(X[ntr:])
     pyro.clear_param_store()
@@ -83,7 +87,9 @@ def test_cep_and_pyro_svi_agree():
     svi = SVI(pm.model, guide, pyro.optim.ClippedAdam({"lr": 0.03, "lrd": 0.998}), Trace_ELBO())
     for _ in range(1500):
         svi.step(idx[:ntr], y[:ntr])
-    pred = pyro.infer.Predictive(pm.model, guide=guide, num_samples=300, return_sites=["_RETURN", "tau"])
+    pred = pyro.infer.Predictive(
+        pm.model, guide=guide, num_samples=300, return_sites=["_RETURN", "tau"]
+    )
     out = pred(idx[ntr:])
     mu_svi = out["_RETURN"].mean(0)
     # both should predict held-out entries to about the noise level, and agree with each other
@@ -112,7 +118,9 @@ def test_gauss_markov_chain_log_prob_matches_dense():
             Aij = torch.linalg.matrix_exp(ssm.F * dt)
             blk = Aij @ ssm.P_inf if i >= j else ssm.P_inf @ Aij.T
             C[i * k : (i + 1) * k, j * k : (j + 1) * k] = blk
-    ref = torch.distributions.MultivariateNormal(torch.zeros(T * k, dtype=D), C).log_prob(s.reshape(3, -1))
+    ref = torch.distributions.MultivariateNormal(torch.zeros(T * k, dtype=D), C).log_prob(
+        s.reshape(3, -1)
+    )
     torch.testing.assert_close(d.log_prob(s), ref, rtol=0, atol=1e-8)
 
 
@@ -147,7 +155,9 @@ def test_bad_arguments_raise():
         FunctionalTucker([2, 3, 2], core="cp")
     with pytest.raises(RuntimeError, match="fit"):
         FunctionalTucker([2, 2, 2]).predict(np.zeros((3, 3)))
-    m = FunctionalTucker([1, 1, 1], progress=False, max_iter=2).fit(np.random.rand(20, 3), np.random.rand(20))
+    m = FunctionalTucker([1, 1, 1], progress=False, max_iter=2).fit(
+        np.random.rand(20, 3), np.random.rand(20)
+    )
     with pytest.raises(ValueError, match="3 columns"):
         m.predict(np.zeros((3, 4)))
     with pytest.raises(ValueError, match="finite"):

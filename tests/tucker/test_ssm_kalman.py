@@ -32,7 +32,9 @@ def test_state_covariance_reproduces_matern(nu):
     cov = (A @ ssm.P_inf)[:, 0, 0]
     torch.testing.assert_close(cov, matern_kernel(nu, 0.7, 1.3, dt), rtol=1e-12, atol=1e-13)
     # stationarity: A P A^T + Q = P_inf
-    torch.testing.assert_close(A @ ssm.P_inf @ A.transpose(-1, -2) + Q, ssm.P_inf.expand_as(Q), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        A @ ssm.P_inf @ A.transpose(-1, -2) + Q, ssm.P_inf.expand_as(Q), rtol=0, atol=1e-12
+    )
     # dt = 0 is exactly the identity with zero noise (pyro.ops.ssm_gp gives NaN for nu = 5/2)
     assert torch.equal(A[0], torch.eye(ssm.state_dim, dtype=D))
     assert torch.equal(Q[0], torch.zeros_like(Q[0]))
@@ -74,9 +76,13 @@ def test_neighbour_conditioning_equals_dense_gp_conditional(nu):
     y = torch.randn(n, generator=g, dtype=D)
     ssm = matern_ssm(nu, ell, var)
     A, Q = discretise(ssm, torch.cat([x.new_zeros(1), x.diff()]))
-    filt = kalman_filter(A[None], Q[None], ssm.P_inf[None], torch.full((1, n), 1 / s2, dtype=D), (y / s2)[None])
+    filt = kalman_filter(
+        A[None], Q[None], ssm.P_inf[None], torch.full((1, n), 1 / s2, dtype=D), (y / s2)[None]
+    )
     sm = rts_smoother(A[None], filt)
-    xq = torch.tensor([-1.0, x[0] - 0.01, (x[3] + x[4]) / 2, x[10] + 1e-3, x[-1] + 0.2, 7.0], dtype=D)
+    xq = torch.tensor(
+        [-1.0, x[0] - 0.01, (x[3] + x[4]) / 2, x[10] + 1e-3, x[-1] + 0.2, 7.0], dtype=D
+    )
     pos = torch.searchsorted(x, xq)
     hl, hr = pos > 0, pos < n
     li, ri = (pos - 1).clamp_min(0), pos.clamp_max(n - 1)
@@ -85,7 +91,16 @@ def test_neighbour_conditioning_equals_dense_gp_conditional(nu):
     Al, Ql = discretise(ssm, dl)
     Ar, Qr = discretise(ssm, dr)
     m, P = condition_on_neighbours(
-        Al, Ql, Ar, Qr, filt.m_filt[0, li], filt.P_filt[0, li], sm.mean[0, ri], sm.cov[0, ri], hl, hr,
+        Al,
+        Ql,
+        Ar,
+        Qr,
+        filt.m_filt[0, li],
+        filt.P_filt[0, li],
+        sm.mean[0, ri],
+        sm.cov[0, ri],
+        hl,
+        hr,
         ssm.P_inf.expand_as(Al),
     )
     K = matern_kernel(nu, ell, var, x[:, None] - x[None]) + s2 * torch.eye(n, dtype=D)
@@ -105,7 +120,12 @@ def test_batched_filter_matches_single():
     eta = torch.randn(2, 25, generator=g, dtype=D)
     sm = rts_smoother(A, kalman_filter(A, Q, ssm.P_inf, lam, eta))
     for b in range(2):
-        s1 = rts_smoother(A[b : b + 1], kalman_filter(A[b : b + 1], Q[b : b + 1], ssm.P_inf[b : b + 1], lam[b : b + 1], eta[b : b + 1]))
+        s1 = rts_smoother(
+            A[b : b + 1],
+            kalman_filter(
+                A[b : b + 1], Q[b : b + 1], ssm.P_inf[b : b + 1], lam[b : b + 1], eta[b : b + 1]
+            ),
+        )
         torch.testing.assert_close(sm.mean[b], s1.mean[0], rtol=0, atol=1e-12)
 
 
