@@ -7,7 +7,8 @@ Model, for entries :math:`y_n` at continuous coordinates :math:`(i_{n1},..,i_{nK
 
 .. math::
     y_n = \\mathcal{W} \\times_1 u^1(i_{n1}) \\cdots \\times_K u^K(i_{nK}) + \\epsilon_n,
-    \\quad u^k_r \\sim GP(0, \\text{Matern}_{\\nu_k}),\\ \\mathrm{vec}(\\mathcal W) \\sim N(0, s_w^2 I),
+    \\quad u^k_r \\sim GP(0, \\text{Matern}_{\\nu_k}),
+    \\ \\mathrm{vec}(\\mathcal W) \\sim N(0, s_w^2 I),
     \\ \\epsilon_n \\sim N(0, \\tau^{-1}),\\ \\tau \\sim \\text{Gamma}(a_0, b_0).
 
 Each GP is a linear SDE over the sorted unique coordinates of its mode, so one
@@ -60,7 +61,8 @@ def check_tensor_data(coords, values=None, *, n_modes: int | None = None, dtype=
         )
     if n_modes is not None and coords.shape[1] != n_modes:
         raise ValueError(
-            f"coords must have {n_modes} columns (one per mode, the length of ranks), got {coords.shape[1]}"
+            f"coords must have {n_modes} columns (one per mode, the length of ranks), "
+            f"got {coords.shape[1]}"
         )
     if coords.shape[0] == 0:
         raise ValueError("coords is empty (N = 0)")

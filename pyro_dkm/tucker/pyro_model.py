@@ -31,7 +31,8 @@ __all__ = ["GaussMarkovChain", "PyroFunctionalTucker", "grids_and_index"]
 
 
 class GaussMarkovChain(TorchDistribution):
-    """Zero-mean Gauss-Markov chain :math:`x_0 \\sim N(0, P_0)`, :math:`x_t = A_t x_{t-1} + N(0, Q_t)`.
+    """Zero-mean Gauss-Markov chain :math:`x_0 \\sim N(0, P_0)`,
+    :math:`x_t = A_t x_{t-1} + N(0, Q_t)`.
 
     :param P0: (..., d, d) covariance of the first state.
     :param A: (..., T, d, d) transitions (``A[..., 0, :, :]`` is unused).
@@ -188,7 +189,7 @@ class PyroFunctionalTucker(PyroModule):
         return torch.einsum(",".join([letters] + ["n" + c for c in letters]) + "->n", *ops)
 
     def likelihood_params(self):
-        """Global likelihood parameters, sampled outside the data plate (default: noise precision)."""
+        """Global likelihood parameters, sampled outside the data plate (default: tau)."""
         a0, b0 = self.spec.a0, self.spec.b0
         return pyro.sample(
             "tau",
