@@ -53,8 +53,8 @@ def test_recovers_held_out_entries_near_noise_level():
 
 
 def test_cp_is_diagonal_core():
-    X, y, f = _synthetic([20, 25, 30], [2, 2, 2], 1500, 0.1, seed=4)
-    m = FunctionalTucker([2, 2, 2], core="cp", lengthscale=2.0, progress=False, max_iter=60).fit(
+    X, y, f = _synthetic([20, 25, 30], [2, 2, 2], 800, 0.1, seed=4)
+    m = FunctionalTucker([2, 2, 2], core="cp", lengthscale=2.0, progress=False, max_iter=25).fit(
         X, y
     )
     Mfull, _, _ = m._core_full()
