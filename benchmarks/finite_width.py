@@ -1,0 +1,161 @@
+"""Finite-width check of the DKM theory: wide deep GPs concentrate at the DKM optimum.
+
+A deep GP with ``L`` hidden layers of widths ``N_l = N nu_l`` and ``N`` copies of the
+targets as output channels (the likelihood scaled with ``N``) has, as ``N -> inf``, a
+posterior over each layer's Gram ``G_l = F_l F_l^T / N_l`` that concentrates at the
+maximiser ``G_l*`` of the exact DKM objective (Yang et al., ICML 2023; DESIGN.md §2).
+For each width we sample the features ``F_l`` by HMC in Pyro (non-centred:
+``F_l = chol(K(G_{l-1})) Z_l``, ``Z_l ~ N(0, I)``) on a small subset of a UCI dataset and
+report, per layer, the relative Frobenius error of the posterior-mean Gram and the mean
+per-sample error against ``G_l*`` (computed with the exact DKM and L-BFGS), next to the
+NNGP Gram's error (the nu -> inf answer) for scale.
+
+    python benchmarks/finite_width.py --plot /tmp/finite_width.png
+    python benchmarks/finite_width.py --quick
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import HMC, MCMC
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import make_parser, print_table, resolve, row, write_json  # noqa: E402
+
+from pyro_dkm.datasets import load_uci  # noqa: E402
+from pyro_dkm.dkm import ExactDeepKernelMachine, fit_lbfgs  # noqa: E402
+from pyro_dkm.linalg import cholesky  # noqa: E402
+
+
+def dkm_optimum(X, y, depth, nu, noise):
+    """G_l* of the exact DKM (ReLU kernels, fixed noise) by L-BFGS, and the NNGP Grams."""
+    dkm = ExactDeepKernelMachine(X, y, depth=depth, nu=nu, kernel="relu", noise=noise)
+    with torch.no_grad():
+        G_nngp = [G.clone() for G in dkm.grams()[0]]
+    fit_lbfgs(dkm, grams_only=True)
+    with torch.no_grad():
+        G_opt = [G.clone() for G in dkm.grams()[0]]
+    kernels = [k.kernel() for k in dkm.kernel_layers]
+    return G_opt, G_nngp, kernels
+
+
+def deep_gp_model(G0, Y, widths, kernels, noise):
+    """Finite deep GP, non-centred; returns the Grams."""
+    P = G0.shape[0]
+    G, Gs = G0, []
+    for l, (Nl, k) in enumerate(zip(widths, kernels)):
+        L = cholesky(k(G), name=f"K_{l + 1}")
+        Z = pyro.sample(f"Z{l}", dist.Normal(G0.new_zeros(()), 1.0).expand([P, Nl]).to_event(2))
+        F = L @ Z
+        G = F @ F.mT / Nl
+        Gs.append(G)
+    K = kernels[-1](G) + noise * torch.eye(P, dtype=G.dtype)
+    L = cholesky(K, name="K_top + noise I")
+    pyro.sample("Y", dist.MultivariateNormal(G0.new_zeros(P), scale_tril=L)
+                .expand([Y.shape[0]]).to_event(1), obs=Y)
+    return Gs
+
+
+def sample_grams(G0, y, N, depth, nu, kernels, noise, warmup, samples, seed):
+    widths = [max(1, round(N * nu)) for _ in range(depth)]
+    Y = y.expand(N, -1)  # N output channels (nu_{L+1} = 1): the likelihood scaled with N
+    pyro.set_rng_seed(seed)
+    kernel = HMC(lambda: deep_gp_model(G0, Y, widths, kernels, noise), step_size=0.05,
+                 num_steps=10, adapt_step_size=True, target_accept_prob=0.8)
+    mcmc = MCMC(kernel, num_samples=samples, warmup_steps=warmup, disable_progbar=False)
+    mcmc.run()
+    zs = mcmc.get_samples()
+    Gs = [[] for _ in range(depth)]
+    for s in range(samples):
+        cond = pyro.poutine.condition(deep_gp_model, {f"Z{l}": zs[f"Z{l}"][s]
+                                                      for l in range(depth)})
+        with torch.no_grad():
+            for l, G in enumerate(cond(G0, Y, widths, kernels, noise)):
+                Gs[l].append(G)
+    return [torch.stack(g) for g in Gs]
+
+
+def rel(A, B):
+    return (torch.linalg.matrix_norm(A - B) / torch.linalg.matrix_norm(B)).item()
+
+
+def main(argv=None) -> int:
+    p = make_parser(__doc__.splitlines()[0] + "\n\n" + "\n".join(__doc__.splitlines()[2:]),
+                    splits=None)
+    p.add_argument("--dataset", default="yacht")
+    p.add_argument("--points", type=int, default=12, help="data points P")
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--nu", type=float, default=1.0)
+    p.add_argument("--noise", type=float, default=0.1)
+    p.add_argument("--widths", default="2,4,8,16,32,64", help="multipliers N")
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--samples", type=int, default=150)
+    p.add_argument("--chains", type=int, default=1, help="independent chains per width")
+    p.add_argument("--plot", type=Path, default=None)
+    args = resolve(p.parse_args(argv))
+    if args.quick:
+        args.points, args.widths, args.warmup, args.samples = 6, "2,8", 20, 20
+    torch.manual_seed(args.seed)
+    d = load_uci(args.dataset, 0, data_dir=Path(args.data_dir) / "uci")
+    g = torch.Generator().manual_seed(args.seed)
+    idx = torch.randperm(d.X_train.shape[0], generator=g)[:args.points]
+    X = torch.cat([d.X_train[idx], torch.ones(args.points, 1, dtype=torch.float64)], 1)
+    y = d.y_train[idx]
+    G_opt, G_nngp, kernels = dkm_optimum(X, y, args.depth, args.nu, args.noise)
+    G0 = X @ X.mT / X.shape[1]
+    Ns = [int(w) for w in args.widths.split(",")]
+    rows, curve = [], {l: [] for l in range(args.depth)}
+    t0 = time.perf_counter()
+    for N in Ns:
+        errs_mean = {l: [] for l in range(args.depth)}
+        errs_each = {l: [] for l in range(args.depth)}
+        for c in range(args.chains):
+            Gs = sample_grams(G0, y, N, args.depth, args.nu, kernels, args.noise,
+                              args.warmup, args.samples, args.seed + 1000 * c + N)
+            for l in range(args.depth):
+                errs_mean[l].append(rel(Gs[l].mean(0), G_opt[l]))
+                errs_each[l].append(sum(rel(G, G_opt[l]) for G in Gs[l]) / len(Gs[l]))
+        for l in range(args.depth):
+            rows.append(row(f"{args.dataset} P={args.points}", f"N={N} (width {round(N * args.nu)})",
+                            f"layer {l + 1} rel. err of E[G]", errs_mean[l]))
+            rows.append(row(f"{args.dataset} P={args.points}", f"N={N} (width {round(N * args.nu)})",
+                            f"layer {l + 1} mean rel. err of G", errs_each[l]))
+            curve[l].append(sum(errs_mean[l]) / len(errs_mean[l]))
+    for l in range(args.depth):
+        rows.append(row(f"{args.dataset} P={args.points}", "NNGP (nu=inf) Gram",
+                        f"layer {l + 1} rel. err of E[G]", [rel(G_nngp[l], G_opt[l])]))
+    print_table(rows)
+    last = curve[args.depth - 1]
+    slope = (math.log(last[-1]) - math.log(last[0])) / (math.log(Ns[-1]) - math.log(Ns[0]))
+    summary = (f"top-layer posterior-mean Gram error {last[0]:.3f} at N={Ns[0]} -> "
+               f"{last[-1]:.3f} at N={Ns[-1]} (log-log slope {slope:.2f}); NNGP Gram error "
+               f"{rel(G_nngp[-1], G_opt[-1]):.3f}; {time.perf_counter() - t0:.0f} s")
+    print(summary)
+    if args.json:
+        write_json(args.json, rows, summary=summary, argv=sys.argv[1:] if argv is None else argv)
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        for l in range(args.depth):
+            ax.loglog(Ns, curve[l], "o-", label=f"layer {l + 1}")
+            ax.axhline(rel(G_nngp[l], G_opt[l]), ls=":", color=f"C{l}",
+                       label=f"NNGP Gram, layer {l + 1}")
+        ax.set_xlabel("width multiplier N (N_l = N nu_l)")
+        ax.set_ylabel("|E[G_l] - G_l*|_F / |G_l*|_F")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Baseline regressors for the DKM benchmarks: SVGP, a 2-layer doubly-stochastic deep GP
+(GPyTorch ``DeepGP``, Salimbeni & Deisenroth 2017) and exact NNGP GP regression.
+
+Each class has ``fit(X, y, epochs=..., batch_size=..., lr=...)`` (returns seconds per
+epoch) and ``predict(X) -> torch.distributions.Normal`` (noise included). Inputs are
+``X (N, d)`` and ``y (N,)`` in standardised units.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+os.environ.setdefault("PYKEOPS_VERBOSE", "0")
+os.environ.setdefault("KEOPS_VERBOSE", "0")
+
+import gpytorch  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+from torch.distributions import Normal  # noqa: E402
+
+from .linalg import check_tensor, cholesky, cholesky_solve, gaussian_log_marginal  # noqa: E402
+
+__all__ = ["SVGPRegressor", "DeepGPRegressor", "NNGPRegressor", "gaussian_test_metrics"]
+
+
+def gaussian_test_metrics(pred: Normal, y: Tensor, y_mean: float = 0.0, y_std: float = 1.0
+                          ) -> tuple[float, float]:
+    """Mean test log-likelihood and RMSE in original units (``y_orig = y * y_std + y_mean``)
+    of a Normal predictive on standardised targets ``y``."""
+    mean = pred.loc * y_std + y_mean
+    scale = pred.scale * y_std
+    y_o = y * y_std + y_mean
+    ll = Normal(mean, scale).log_prob(y_o).mean().item()
+    rmse = (mean - y_o).pow(2).mean().sqrt().item()
+    return ll, rmse
+
+
+def _check_xy(X, y):
+    check_tensor(X, "X", ndim=2)
+    check_tensor(y, "y", ndim=1)
+    if y.shape[0] != X.shape[0]:
+        raise ValueError(f"y must have length {X.shape[0]} (rows of X), got {y.shape[0]}")
+
+
+def _init_inducing(X: Tensor, M: int, seed: int) -> Tensor:
+    if M < 1:
+        raise ValueError(f"num_inducing must be positive, got {M}")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(X.shape[0], generator=g)[:M]
+    Z = X[idx].clone()
+    if M > X.shape[0]:  # pad with jittered copies
+        extra = X[torch.randint(X.shape[0], (M - X.shape[0],), generator=g)]
+        Z = torch.cat([Z, extra + 0.01 * torch.randn(extra.shape, generator=g, dtype=X.dtype)])
+    return Z
+
+
+def _svi_loop(model, likelihood, mll, X, y, epochs, batch_size, lr, seed, num_samples=None):
+    params = list(model.parameters()) + list(likelihood.parameters())
+    params = list({id(p): p for p in params}.values())
+    opt = torch.optim.Adam(params, lr=lr)
+    N = X.shape[0]
+    B = N if batch_size is None else min(batch_size, N)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    likelihood.train()
+    t0 = time.perf_counter()
+    ctx = gpytorch.settings.num_likelihood_samples(num_samples) if num_samples else None
+    for _ in range(epochs):
+        perm = torch.randperm(N, generator=g)
+        for s in range(0, N, B):
+            idx = perm[s:s + B]
+            opt.zero_grad()
+            if ctx is not None:
+                with ctx:
+                    loss = -mll(model(X[idx]), y[idx])
+            else:
+                loss = -mll(model(X[idx]), y[idx])
+            loss.backward()
+            opt.step()
+    return (time.perf_counter() - t0) / max(epochs, 1)
+
+
+class _SVGPModel(gpytorch.models.ApproximateGP):
+    def __init__(self, Z: Tensor):
+        vd = gpytorch.variational.CholeskyVariationalDistribution(Z.shape[0])
+        vs = gpytorch.variational.VariationalStrategy(self, Z, vd, learn_inducing_locations=True)
+        super().__init__(vs)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = gpytorch.kernels.ScaleKernel(
+            gpytorch.kernels.RBFKernel(ard_num_dims=Z.shape[1]))
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x),
+                                                         self.covar_module(x))
+
+
+class SVGPRegressor:
+    """Sparse variational GP (Hensman et al. 2013), ARD RBF kernel, ``M`` learned inducing
+    inputs, Gaussian likelihood, trained by Adam on the minibatch ELBO."""
+
+    def __init__(self, num_inducing: int = 100, seed: int = 0):
+        self.num_inducing = num_inducing
+        self.seed = seed
+        self.model = None
+
+    def fit(self, X: Tensor, y: Tensor, *, epochs: int = 100, batch_size: int | None = None,
+            lr: float = 0.01) -> float:
+        """Train; returns seconds per epoch."""
+        _check_xy(X, y)
+        torch.manual_seed(self.seed)
+        self.model = _SVGPModel(_init_inducing(X, self.num_inducing, self.seed)).to(X.dtype)
+        self.likelihood = gpytorch.likelihoods.GaussianLikelihood().to(X.dtype)
+        mll = gpytorch.mlls.VariationalELBO(self.likelihood, self.model, num_data=X.shape[0])
+        return _svi_loop(self.model, self.likelihood, mll, X, y, epochs, batch_size, lr,
+                         self.seed)
+
+    @torch.no_grad()
+    def predict(self, X: Tensor, *, include_noise: bool = True) -> Normal:
+        if self.model is None:
+            raise RuntimeError("call fit before predict")
+        check_tensor(X, "X", ndim=2)
+        self.model.eval()
+        self.likelihood.eval()
+        f = self.model(X)
+        var = f.variance + (self.likelihood.noise if include_noise else 0.0)
+        return Normal(f.mean, var.clamp_min(1e-12).sqrt())
+
+
+class _DGPLayer(gpytorch.models.deep_gps.DeepGPLayer):
+    def __init__(self, input_dims: int, output_dims: int | None, Z: Tensor, linear_mean: bool):
+        M = Z.shape[0]
+        if output_dims is None:
+            batch = torch.Size([])
+            Zb = Z
+        else:
+            batch = torch.Size([output_dims])
+            Zb = Z.unsqueeze(0).expand(output_dims, M, input_dims).clone()
+        vd = gpytorch.variational.CholeskyVariationalDistribution(M, batch_shape=batch)
+        vs = gpytorch.variational.VariationalStrategy(self, Zb, vd,
+                                                      learn_inducing_locations=True)
+        super().__init__(vs, input_dims, output_dims)
+        self.mean_module = (gpytorch.means.LinearMean(input_dims, batch_shape=batch)
+                            if linear_mean else gpytorch.means.ConstantMean(batch_shape=batch))
+        self.covar_module = gpytorch.kernels.ScaleKernel(
+            gpytorch.kernels.RBFKernel(batch_shape=batch, ard_num_dims=input_dims),
+            batch_shape=batch)
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x),
+                                                         self.covar_module(x))
+
+
+class _DGP(gpytorch.models.deep_gps.DeepGP):
+    def __init__(self, Z: Tensor, hidden_dims: int):
+        super().__init__()
+        d = Z.shape[1]
+        # hidden layer: linear mean (identity-like skip, as in Salimbeni & Deisenroth)
+        self.hidden = _DGPLayer(d, hidden_dims, Z, linear_mean=True)
+        Zh = Z[:, :hidden_dims] if d >= hidden_dims else torch.cat(
+            [Z, torch.zeros(Z.shape[0], hidden_dims - d, dtype=Z.dtype)], 1)
+        self.last = _DGPLayer(hidden_dims, None, Zh, linear_mean=False)
+        self.likelihood = gpytorch.likelihoods.GaussianLikelihood()
+
+    def forward(self, x):
+        return self.last(self.hidden(x))
+
+
+class DeepGPRegressor:
+    """2-layer doubly-stochastic deep GP (Salimbeni & Deisenroth 2017) with GPyTorch's
+    ``DeepGP``: a hidden GP layer of ``hidden_dims`` outputs (linear mean) and an output GP
+    layer, ``M`` inducing points per layer, ARD RBF kernels, trained by Adam on the
+    Monte-Carlo ``DeepApproximateMLL(VariationalELBO)``. Prediction averages
+    ``num_samples`` Monte-Carlo Gaussians; we report the moment-matched Normal."""
+
+    def __init__(self, num_inducing: int = 100, hidden_dims: int | None = None,
+                 num_samples: int = 10, seed: int = 0):
+        self.num_inducing = num_inducing
+        self.hidden_dims = hidden_dims
+        self.num_samples = num_samples
+        self.seed = seed
+        self.model = None
+
+    def fit(self, X: Tensor, y: Tensor, *, epochs: int = 100, batch_size: int | None = None,
+            lr: float = 0.01) -> float:
+        """Train; returns seconds per epoch."""
+        _check_xy(X, y)
+        torch.manual_seed(self.seed)
+        H = self.hidden_dims or min(X.shape[1], 5)
+        self.model = _DGP(_init_inducing(X, self.num_inducing, self.seed), H).to(X.dtype)
+        mll = gpytorch.mlls.DeepApproximateMLL(
+            gpytorch.mlls.VariationalELBO(self.model.likelihood, self.model, X.shape[0]))
+        return _svi_loop(self.model, self.model.likelihood, mll, X, y, epochs, batch_size, lr,
+                         self.seed, num_samples=self.num_samples)
+
+    @torch.no_grad()
+    def predict(self, X: Tensor, *, include_noise: bool = True, num_samples: int = 64
+                ) -> Normal:
+        """Moment-matched Normal of the Monte-Carlo mixture predictive. (The test
+        log-likelihood reported by :meth:`log_predictive` uses the mixture itself.)"""
+        m, v = self._mixture(X, include_noise, num_samples)
+        mean = m.mean(0)
+        var = (v + m.pow(2)).mean(0) - mean.pow(2)
+        return Normal(mean, var.clamp_min(1e-12).sqrt())
+
+    def _mixture(self, X, include_noise, num_samples):
+        if self.model is None:
+            raise RuntimeError("call fit before predict")
+        check_tensor(X, "X", ndim=2)
+        self.model.eval()
+        with gpytorch.settings.num_likelihood_samples(num_samples):
+            f = self.model(X)
+        noise = self.model.likelihood.noise if include_noise else 0.0
+        return f.mean, f.variance + noise
+
+    @torch.no_grad()
+    def log_predictive(self, X: Tensor, y: Tensor, y_mean: float = 0.0, y_std: float = 1.0,
+                       num_samples: int = 64) -> float:
+        """Mean test log-likelihood of the Gaussian-mixture predictive in original units
+        (the standard DGP metric)."""
+        m, v = self._mixture(X, True, num_samples)
+        lp = Normal(m * y_std + y_mean, v.sqrt() * y_std).log_prob(y * y_std + y_mean)
+        return (torch.logsumexp(lp, 0) - math.log(lp.shape[0])).mean().item()
+
+
+class NNGPRegressor:
+    """Exact GP regression with an NNGP kernel (:mod:`pyro_dkm.kernels.nngp`): a ReLU net
+    of ``depth`` hidden layers, weight/bias variances and noise fitted by Adam on the exact
+    log marginal likelihood (``O(N^3)`` per step; one "epoch" is one full-batch step)."""
+
+    def __init__(self, depth: int = 2, activation: str = "relu"):
+        if activation not in ("relu", "erf"):
+            raise ValueError(f"activation must be 'relu' or 'erf', got {activation!r}")
+        self.depth = depth
+        self.activation = activation
+        self.X = None
+
+    def _kfn(self):
+        from .kernels.nngp import Dense, Erf, Relu, serial
+        wv, bv = self.log_wv.exp(), self.log_bv.exp()
+        act = Relu if self.activation == "relu" else Erf
+        layers = []
+        for _ in range(self.depth):
+            layers += [Dense(wv, bv), act()]
+        layers.append(Dense(wv, bv))
+        return serial(*layers)
+
+    def _K(self, X1, X2=None):
+        return self.log_scale.exp() * self._kfn()(X1, X2, get="nngp")
+
+    def _tril(self):
+        K = self._K(self.X)
+        K = K + self.log_noise.exp() * torch.eye(K.shape[0], dtype=K.dtype)
+        return cholesky(K, name="K + noise I")
+
+    def fit(self, X: Tensor, y: Tensor, *, epochs: int = 100, lr: float = 0.05, **_) -> float:
+        """Fit hyper-parameters by ``epochs`` Adam steps; returns seconds per step."""
+        _check_xy(X, y)
+        self.X, self.y = X, y
+        kw = dict(dtype=X.dtype)
+        self.log_wv = torch.tensor(math.log(2.0), **kw, requires_grad=True)
+        self.log_bv = torch.tensor(math.log(0.1), **kw, requires_grad=True)
+        self.log_scale = torch.tensor(0.0, **kw, requires_grad=True)
+        self.log_noise = torch.tensor(math.log(0.1), **kw, requires_grad=True)
+        params = [self.log_wv, self.log_bv, self.log_scale, self.log_noise]
+        opt = torch.optim.Adam(params, lr=lr)
+        t0 = time.perf_counter()
+        for _ in range(epochs):
+            opt.zero_grad()
+            loss = -gaussian_log_marginal(self._tril(), y) / X.shape[0]
+            loss.backward()
+            opt.step()
+        return (time.perf_counter() - t0) / max(epochs, 1)
+
+    @torch.no_grad()
+    def predict(self, X: Tensor, *, include_noise: bool = True) -> Normal:
+        if self.X is None:
+            raise RuntimeError("call fit before predict")
+        check_tensor(X, "X", ndim=2)
+        L = self._tril()
+        Kts = self._K(X, self.X)
+        mean = Kts @ cholesky_solve(L, self.y.unsqueeze(-1)).squeeze(-1)
+        from .linalg import solve_tril
+        A = solve_tril(L, Kts.T)
+        kdiag = self.log_scale.exp() * self._kfn()(X, get="nngp", diag=True)
+        var = kdiag - A.pow(2).sum(0)
+        if include_noise:
+            var = var + self.log_noise.exp()
+        return Normal(mean, var.clamp_min(1e-12).sqrt())

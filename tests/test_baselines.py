@@ -1,0 +1,108 @@
+"""Baselines of the UCI benchmark: SVGP, 2-layer deep GP, exact NNGP regression."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal
+
+from pyro_dkm.baselines import (
+    DeepGPRegressor,
+    NNGPRegressor,
+    SVGPRegressor,
+    gaussian_test_metrics,
+)
+from pyro_dkm.kernels.nngp import Dense, Relu, serial
+
+
+def _sin_data(n=120, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.rand(n, 1, generator=g, dtype=torch.float64) * 6 - 3
+    y = torch.sin(2 * X[:, 0]) + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    return X, (y - y.mean()) / y.std()
+
+
+def test_gaussian_test_metrics_closed_form():
+    # N(0, 1) on standardised y = 0 with y_std = 2, y_mean = 5: y_orig = 5, predictive
+    # N(5, 2^2) so log p = -0.5 log(2 pi) - log 2; RMSE = 0. And y = 1 -> error 2 in original units.
+    pred = Normal(torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+    ll, rmse = gaussian_test_metrics(pred, torch.tensor([0.0, 0.0], dtype=torch.float64), 5.0, 2.0)
+    assert ll == pytest.approx(-0.5 * math.log(2 * math.pi) - math.log(2.0), abs=1e-12)
+    assert rmse == pytest.approx(0.0, abs=1e-12)
+    _, rmse = gaussian_test_metrics(pred, torch.tensor([1.0, -1.0], dtype=torch.float64), 5.0, 2.0)
+    assert rmse == pytest.approx(2.0, abs=1e-12)
+
+
+def test_nngp_regressor_matches_dense_gp_formulas():
+    # With 0 training steps the hyper-parameters stay at their initial values
+    # (weight var 2, bias var 0.1, scale 1, noise 0.1); the predictive must equal the GP
+    # formulas evaluated with a dense solve (torch.linalg.solve, no Cholesky), to 1e-9.
+    X, y = _sin_data(40)
+    Xt = torch.linspace(-3, 3, 7, dtype=torch.float64)[:, None]
+    m = NNGPRegressor(depth=2)
+    m.fit(X, y, epochs=0)
+    pred = m.predict(Xt)
+    kfn = serial(Dense(2.0, 0.1), Relu(), Dense(2.0, 0.1), Relu(), Dense(2.0, 0.1))
+    K = kfn(X, get="nngp") + 0.1 * torch.eye(40, dtype=torch.float64)
+    Kt = kfn(Xt, X, get="nngp")
+    mean = Kt @ torch.linalg.solve(K, y)
+    var = kfn(Xt, get="nngp").diagonal() - (Kt * torch.linalg.solve(K, Kt.T).T).sum(1) + 0.1
+    assert torch.allclose(pred.loc, mean, atol=1e-9)
+    assert torch.allclose(pred.variance, var, atol=1e-9)
+
+
+def test_nngp_regressor_training_increases_marginal_likelihood():
+    X, y = _sin_data(60)
+    from pyro_dkm.linalg import gaussian_log_marginal
+    m = NNGPRegressor(depth=2)
+    m.fit(X, y, epochs=0)
+    before = gaussian_log_marginal(m._tril(), y).item()
+    m.fit(X, y, epochs=60, lr=0.05)
+    after = gaussian_log_marginal(m._tril(), y).item()
+    assert after > before + 1.0
+
+
+@pytest.mark.parametrize("cls", [SVGPRegressor,
+                                 pytest.param(DeepGPRegressor, marks=pytest.mark.slow)])
+def test_sparse_baselines_learn_a_sine(cls):
+    # y = sin(2x) + 0.1 noise, standardised: predicting 0 gives RMSE ~1; a fitted GP must get
+    # RMSE < 0.35 on a noise-free test grid (noise std ~0.14 in these units) and a
+    # predictive that is a Normal of the right shape with positive scale.
+    X, y = _sin_data(120)
+    m = cls(num_inducing=12, seed=0)
+    spe = m.fit(X, y, epochs=100, batch_size=None, lr=0.05)
+    assert spe > 0
+    Xt = torch.linspace(-2.8, 2.8, 50, dtype=torch.float64)[:, None]
+    yt = torch.sin(2 * Xt[:, 0])
+    yt = (yt - torch.sin(2 * X[:, 0]).mean()) / (torch.sin(2 * X[:, 0]) + 0.0).std()
+    pred = m.predict(Xt)
+    assert isinstance(pred, Normal) and pred.loc.shape == (50,)
+    assert (pred.scale > 0).all()
+    _, rmse = gaussian_test_metrics(pred, yt)
+    assert rmse < 0.35
+
+
+def test_dgp_log_predictive_is_mixture_of_the_samples():
+    X, y = _sin_data(50)
+    m = DeepGPRegressor(num_inducing=8, num_samples=4, seed=0)
+    m.fit(X, y, epochs=2)
+    torch.manual_seed(1)
+    lp = m.log_predictive(X[:5], y[:5], num_samples=16)
+    torch.manual_seed(1)
+    mu, var = m._mixture(X[:5], True, 16)
+    manual = (torch.logsumexp(Normal(mu, var.sqrt()).log_prob(y[:5]), 0) - math.log(16)).mean()
+    assert lp == pytest.approx(manual.item(), abs=1e-10)
+
+
+@pytest.mark.parametrize("cls", [SVGPRegressor, DeepGPRegressor, NNGPRegressor])
+def test_bad_input(cls):
+    X, y = _sin_data(20)
+    m = cls()
+    with pytest.raises(RuntimeError, match="fit"):
+        m.predict(X)
+    with pytest.raises(ValueError, match="y"):
+        m.fit(X, y[:-1], epochs=1)
+    Xn = X.clone()
+    Xn[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="X"):
+        m.fit(Xn, y, epochs=1)

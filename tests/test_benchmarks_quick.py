@@ -1,0 +1,69 @@
+"""Smoke runs of the benchmark scripts (``--quick``) and the shared helpers."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import format_table, mean_se, row  # noqa: E402
+
+from pyro_dkm.datasets import default_data_dir  # noqa: E402
+
+DATA = default_data_dir()
+needs_data = pytest.mark.skipif(not (DATA / "uci" / "yacht").is_dir(),
+                                reason="shared UCI data not found")
+
+
+def test_mean_se_closed_form():
+    # values 1, 2, 3: mean 2, sample std 1, se = 1/sqrt(3)
+    m, se, n = mean_se([1, 2, 3])
+    assert (m, n) == (2.0, 3)
+    assert se == pytest.approx(1 / math.sqrt(3), abs=1e-15)
+    assert mean_se([4.0]) == (4.0, 0.0, 1)
+
+
+def test_table_has_one_line_per_dataset_model():
+    rows = [row("a", "m1", "LL", [1, 2]), row("a", "m1", "time", [0.5], unit="s"),
+            row("a", "m2", "LL", [3])]
+    lines = format_table(rows).splitlines()
+    assert lines[0] == "| dataset | model | LL | time (s) |"
+    assert len(lines) == 4 and lines[2].startswith("| a | m1 | 1.500 ± 0.500 | 0.500")
+
+
+def _run(script, *args, tmp_path):
+    out = tmp_path / "rows.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick",
+                          "--data-dir", str(DATA), "--json", str(out), *args],
+                         capture_output=True, text=True, timeout=300,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout, json.loads(out.read_text())
+
+
+@needs_data
+def test_uci_quick(tmp_path):
+    stdout, data = _run("uci.py", "--csv", str(tmp_path / "rows.csv"), tmp_path=tmp_path)
+    rows = data["rows"]
+    models = {r["model"].split(" ")[0] for r in rows}
+    assert models == {"DKM", "SVGP", "DGP-2", "NNGP"}
+    assert {r["metric"] for r in rows} == {"test LL", "RMSE", "time/epoch"}
+    assert all(set(r) >= {"dataset", "model", "metric", "mean", "se", "n"} for r in rows)
+    assert all(math.isfinite(r["mean"]) for r in rows)
+    assert "torch" in data["meta"] and "cpu" in data["meta"]
+    assert stdout.splitlines()[0].startswith("| dataset | model |")
+    assert "DKM/DGP-2 seconds per epoch" in stdout.splitlines()[-1]
+    assert (tmp_path / "rows.csv").read_text().startswith("dataset,model,metric")
+
+
+@needs_data
+@pytest.mark.slow
+def test_finite_width_quick(tmp_path):
+    stdout, data = _run("finite_width.py", tmp_path=tmp_path)
+    assert all(math.isfinite(r["mean"]) for r in data["rows"])
+    assert "Gram error" in stdout.splitlines()[-1]
