@@ -122,11 +122,10 @@ def main(argv=None) -> int:
             for l in range(args.depth):
                 errs_mean[l].append(rel(Gs[l].mean(0), G_opt[l]))
                 errs_each[l].append(sum(rel(G, G_opt[l]) for G in Gs[l]) / len(Gs[l]))
+        ds, label = f"{args.dataset} P={args.points}", f"N={N} (width {round(N * args.nu)})"
         for l in range(args.depth):
-            rows.append(row(f"{args.dataset} P={args.points}", f"N={N} (width {round(N * args.nu)})",
-                            f"layer {l + 1} rel. err of E[G]", errs_mean[l]))
-            rows.append(row(f"{args.dataset} P={args.points}", f"N={N} (width {round(N * args.nu)})",
-                            f"layer {l + 1} mean rel. err of G", errs_each[l]))
+            rows.append(row(ds, label, f"layer {l + 1} rel. err of E[G]", errs_mean[l]))
+            rows.append(row(ds, label, f"layer {l + 1} mean rel. err of G", errs_each[l]))
             curve[l].append(sum(errs_mean[l]) / len(errs_mean[l]))
     for l in range(args.depth):
         rows.append(row(f"{args.dataset} P={args.points}", "NNGP (nu=inf) Gram",
