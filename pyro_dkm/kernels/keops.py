@@ -254,10 +254,14 @@ def keops_kernel(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None = None, *,
 def _lazy_from(LT, prog, get, x1, x2, theta):
     f1 = _act_features(prog, _variances(prog, theta, x1))
     f2 = f1 if x2 is x1 else _act_features(prog, _variances(prog, theta, x2))
-    xi = LT(x1.contiguous()[:, None, :])
-    yj = LT(x2.contiguous()[None, :, :])
-    fi = LT(f1[:, None, :])
-    fj = LT(f2[None, :, :])
+    # One i-variable and one j-variable ([x, features]): fewer variables means fewer
+    # gradient formulas to compile (KeOps builds one per differentiated variable).
+    d = x1.shape[-1]
+    a1 = torch.cat([x1, f1], -1).contiguous()
+    a2 = a1 if x2 is x1 else torch.cat([x2, f2], -1).contiguous()
+    ai, aj = LT(a1[:, None, :]), LT(a2[None, :, :])
+    xi, yj = ai[:d], aj[:d]
+    fi, fj = ai[d:], aj[d:]
     th = LT(theta.contiguous())  # 1-D: a runtime parameter vector
     from .nngp import clamp_eps  # noqa: PLC0415
 
