@@ -1,0 +1,160 @@
+"""Dense vs KeOps NNGP kernel: time and peak memory of one matvec and of a full solve.
+
+For each N: "dense" materialises K = kfn(X) (+ noise I) and does K @ v, and solves by
+Cholesky; "keops" does the lazy K @ v and solves by linear_operator CG (tol 1e-6).
+Each measurement runs in a forked child process; peak memory is the child's peak RSS
+growth (CPU) or torch.cuda.max_memory_allocated (GPU). Optionally (--gp-n) an exact NNGP
+GP regression on synthetic data too big for dense, with its test RMSE.
+
+    python benchmarks/keops.py --sizes 1000,3000,10000,20000 --json out.json
+    python benchmarks/keops.py --quick
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("PYKEOPS_VERBOSE", "0")
+os.environ.setdefault("KEOPS_VERBOSE", "0")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import make_parser, print_table, resolve, row, write_json  # noqa: E402
+
+from pyro_dkm.kernels.keops import NNGPOperator, keops_matmul  # noqa: E402
+from pyro_dkm.kernels.nngp import Dense, Relu, serial  # noqa: E402
+
+D = 8
+NOISE = 0.1
+
+
+def _kfn():
+    return serial(Dense(2.0, 0.1), Relu(), Dense(2.0, 0.1), Relu(), Dense(1.0, 0.05))
+
+
+def _data(n, seed, dtype, device):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=g, dtype=dtype)
+    y = torch.sin(x[:, :2].sum(-1)) + 0.1 * torch.randn(n, generator=g, dtype=dtype)
+    return x.to(device), y.to(device)
+
+
+def _measure(task, n, seed, dtype, device, q):
+    import linear_operator
+
+    x, y = _data(n, seed, dtype, device)
+    kfn = _kfn()
+    v = y[:, None]
+    if task.startswith("keops"):  # compile/warm up outside the timing
+        keops_matmul(kfn, x[:2000], x[:2000], v[:2000], use_keops=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    if task == "dense_matvec":
+        out = kfn(x) @ v
+    elif task == "keops_matvec":
+        out = keops_matmul(kfn, x, None, v, use_keops=True)
+    elif task == "dense_solve":
+        Kd = kfn(x)
+        Kd.diagonal().add_(NOISE)
+        out = torch.cholesky_solve(v, torch.linalg.cholesky(Kd))
+    else:
+        op = NNGPOperator(kfn, x, noise=NOISE, use_keops=True)
+        with linear_operator.settings.max_cg_iterations(1000), \
+                linear_operator.settings.cg_tolerance(1e-6), \
+                linear_operator.settings.max_cholesky_size(0):
+            out = op.solve(v)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+           else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
+    q.put((dt, mem / 2**20, float(out.norm())))
+
+
+def measure(task, n, args):
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_measure, args=(task, n, args.seed, args.torch_dtype,
+                                           args.torch_device, q))
+    p.start()
+    p.join()
+    if p.exitcode != 0:
+        return None
+    return q.get()
+
+
+def gp_regression(n, args):
+    """Exact NNGP GP regression (CG) on n synthetic training points; test RMSE."""
+    import linear_operator
+
+    x, y = _data(n + 2000, args.seed, args.torch_dtype, args.torch_device)
+    xt, yt, xs, ys = x[:n], y[:n], x[n:], y[n:]
+    kfn = _kfn()
+    t = time.perf_counter()
+    op = NNGPOperator(kfn, xt, noise=NOISE, use_keops=True)
+    with linear_operator.settings.max_cg_iterations(args.gp_cg_iters), \
+            linear_operator.settings.cg_tolerance(1e-3), \
+            linear_operator.settings.max_cholesky_size(0):
+        alpha = op.solve(yt[:, None])
+    mean = keops_matmul(kfn, xs, xt, alpha, use_keops=True)[:, 0]
+    rmse = float((mean - ys).pow(2).mean().sqrt())
+    return rmse, time.perf_counter() - t
+
+
+def main(argv=None):
+    p = make_parser(__doc__.splitlines()[0], splits=None)
+    p.add_argument("--sizes", default="1000,3000,10000,20000")
+    p.add_argument("--max-dense-n", type=int, default=12000,
+                   help="largest N for the dense path (memory)")
+    p.add_argument("--max-solve-n", type=int, default=20000)
+    p.add_argument("--gp-n", type=int, default=0, help="N of the large GP regression (0: skip)")
+    p.add_argument("--gp-cg-iters", type=int, default=200)
+    args = resolve(p.parse_args(argv))
+    sizes = [1000, 2000] if args.quick else [int(float(s)) for s in args.sizes.split(",")]
+    rows, ratios = [], []
+    from tqdm import tqdm
+
+    for n in tqdm(sizes, file=sys.stderr):
+        res = {}
+        for task in ("dense_matvec", "keops_matvec", "dense_solve", "keops_solve"):
+            if task.startswith("dense") and n > args.max_dense_n:
+                continue
+            if task.endswith("solve") and n > args.max_solve_n:
+                continue
+            r = measure(task, n, args)
+            if r is None:
+                continue
+            res[task] = r
+            method, what = task.split("_")
+            rows.append(row(f"N={n}", method, f"{what} time", [r[0]], unit="s"))
+            rows.append(row(f"N={n}", method, f"{what} peak mem", [r[1]], unit="MiB"))
+        for what in ("matvec", "solve"):
+            if f"dense_{what}" in res and f"keops_{what}" in res:
+                ratio = res[f"dense_{what}"][0] / res[f"keops_{what}"][0]
+                rows.append(row(f"N={n}", "dense/keops", f"{what} time", [ratio]))
+                ratios.append((n, what, ratio))
+    if args.gp_n:
+        rmse, secs = gp_regression(args.gp_n, args)
+        rows.append(row(f"synthetic N={args.gp_n}", "keops exact NNGP GP", "test RMSE", [rmse]))
+        rows.append(row(f"synthetic N={args.gp_n}", "keops exact NNGP GP", "time", [secs],
+                        unit="s"))
+    print_table(rows)
+    if args.json:
+        write_json(args.json, rows, benchmark="keops")
+    best = [f"N={n} {w}: dense/keops {r:.2f}x" for n, w, r in ratios if n == max(
+        m for m, _, _ in ratios)]
+    print(f"Summary ({args.device}): " + ("; ".join(best) if best else "no dense comparison")
+          + f"; KeOps up to N={max(sizes)}")
+
+
+if __name__ == "__main__":
+    main()
