@@ -46,6 +46,14 @@ class NNGPKernel(gpytorch.kernels.Kernel):
             (default ``Positive()``, and ``Interval(0, 1e4)`` is a sensible bound).
         batch_shape: as for every GPyTorch kernel; hyper-parameters get shape
             ``(*batch_shape, depth + 1)``.
+        use_keops: ``False`` (default: dense), ``True`` (always the KeOps lazy
+            operator, falling back to dense with a warning where impossible) or
+            ``"auto"`` (KeOps when both inputs have ``>= keops_threshold`` rows).
+            The KeOps path returns a :class:`~pyro_dkm.kernels.keops.NNGPOperator`
+            (O(N) memory matrix products; linear_operator then uses CG/Lanczos).
+            It needs 2-D inputs and an empty ``batch_shape`` (else dense).
+        keops_threshold: size switch for ``use_keops="auto"`` (default 5000: on CPU
+            KeOps matches dense speed from about there and saves O(N^2) memory).
 
     ``forward(x1, x2, diag=False)`` takes ``(..., n, d)`` inputs and returns
     ``(..., n1, n2)`` (or ``(..., n1)`` with ``diag=True``, computed in O(n d)).
@@ -62,8 +70,12 @@ class NNGPKernel(gpytorch.kernels.Kernel):
         kernel: str = "nngp",
         weight_var_constraint=None,
         bias_var_constraint=None,
+        use_keops=False,
+        keops_threshold: int = 5000,
         **kwargs,
     ):
+        if use_keops not in (True, False, "auto"):
+            raise ValueError(f"use_keops must be True, False or 'auto', got {use_keops!r}")
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be a non-negative int, got {depth!r}")
         if activation not in _ACTIVATIONS:
@@ -77,6 +89,8 @@ class NNGPKernel(gpytorch.kernels.Kernel):
         self.depth = depth
         self.activation = activation
         self.kernel = kernel
+        self.use_keops = use_keops
+        self.keops_threshold = int(keops_threshold)
         shape = (*self.batch_shape, depth + 1)
         self.register_parameter("raw_weight_var", torch.nn.Parameter(torch.zeros(shape)))
         self.register_parameter("raw_bias_var", torch.nn.Parameter(torch.zeros(shape)))
@@ -125,5 +139,26 @@ class NNGPKernel(gpytorch.kernels.Kernel):
         if diag:
             same = x1 is x2 or (x1.shape == x2.shape and torch.equal(x1, x2))
             return kfn(x1, None if same else x2, get=self.kernel, diag=True)
+        if self._keops_wanted(x1, x2):
+            from .kernels.keops import NNGPOperator
+
+            same = x1 is x2 or (x1.shape == x2.shape and torch.equal(x1, x2))
+            return NNGPOperator(kfn, x1, None if same else x2, get=self.kernel, use_keops=True)
         return kfn(x1, x2, get=self.kernel)
+
+    def _keops_wanted(self, x1: Tensor, x2: Tensor) -> bool:
+        if self.use_keops is False:
+            return False
+        if self.use_keops == "auto" and min(x1.shape[-2], x2.shape[-2]) < self.keops_threshold:
+            return False
+        if x1.dim() != 2 or x2.dim() != 2 or len(self.batch_shape) > 0:
+            if self.use_keops is True:
+                import warnings
+
+                from .kernels.keops import KeOpsFallbackWarning
+
+                warnings.warn("NNGPKernel: the KeOps path needs 2-D inputs and no batch_shape; "
+                              "using the dense path", KeOpsFallbackWarning, stacklevel=3)
+            return False
+        return True
 
