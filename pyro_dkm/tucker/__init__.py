@@ -1,6 +1,6 @@
 """Functional Bayesian Tucker decomposition (FunBaT) with state-space GP priors."""
 
-from .kalman import condition_on_neighbours, kalman_filter, rts_smoother
+from .kalman import associative_scan, condition_on_neighbours, kalman_filter, rts_smoother
 from .model import FunctionalTucker
 from .ssm import MaternSSM, discretise, matern_kernel, matern_ssm
 
@@ -12,5 +12,6 @@ __all__ = [
     "discretise",
     "kalman_filter",
     "rts_smoother",
+    "associative_scan",
     "condition_on_neighbours",
 ]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pyro_dkm.tucker import (
+    associative_scan,
     condition_on_neighbours,
     discretise,
     kalman_filter,
@@ -127,6 +128,57 @@ def test_batched_filter_matches_single():
             ),
         )
         torch.testing.assert_close(sm.mean[b], s1.mean[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 16, 33])
+def test_associative_scan_order(T):
+    # non-commutative op: prefix products of random 2x2 matrices, earlier factor on the right
+    g = torch.Generator().manual_seed(T)
+    M = torch.randn(3, T, 2, 2, generator=g, dtype=D)
+    (out,) = associative_scan(lambda a, b: (b[0] @ a[0],), (M,))
+    ref = [M[:, 0]]
+    for t in range(1, T):
+        ref.append(M[:, t] @ ref[-1])
+    torch.testing.assert_close(out, torch.stack(ref, 1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 64, 257])
+def test_scan_filter_smoother_equal_sequential(T):
+    # the parallel-scan KF/RTS must reproduce the sequential recursions (rounding only):
+    # mixed nu padded to d = 3 like FunctionalTucker does, lam = 0 gaps, a repeated coordinate
+    g = torch.Generator().manual_seed(T)
+    x = torch.sort(torch.rand(T, generator=g, dtype=D) * 4).values
+    if T > 3:
+        x[2] = x[1]
+    gaps = torch.cat([x.new_zeros(1), x.diff()])
+    A = torch.eye(3, dtype=D).repeat(3, T, 1, 1)
+    Q = torch.zeros(3, T, 3, 3, dtype=D)
+    P0 = torch.eye(3, dtype=D).repeat(3, 1, 1)
+    for b, nu in enumerate([0.5, 1.5, 2.5]):
+        ssm = matern_ssm(nu, 0.6, 1.2)
+        Ab, Qb = discretise(ssm, gaps)
+        d = ssm.state_dim
+        A[b, :, :d, :d], Q[b, :, :d, :d], P0[b, :d, :d] = Ab, Qb, ssm.P_inf
+    lam = torch.rand(3, T, generator=g, dtype=D) * 30
+    lam[:, ::3] = 0
+    eta = torch.randn(3, T, generator=g, dtype=D) * 5
+    f_seq = kalman_filter(A, Q, P0, lam, eta, method="sequential")
+    s_seq = rts_smoother(A, f_seq, method="sequential")
+    f_par = kalman_filter(A, Q, P0, lam, eta)
+    s_par = rts_smoother(A, f_par)
+    for a, b in zip(f_par, f_seq):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(s_par.mean, s_seq.mean, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(s_par.cov, s_seq.cov, rtol=1e-9, atol=1e-10)
+
+
+def test_kalman_bad_shapes():
+    A = torch.eye(2, dtype=D).repeat(1, 4, 1, 1)
+    with pytest.raises(ValueError, match="lam"):
+        kalman_filter(A, A, torch.eye(2, dtype=D)[None], torch.ones(1, 3, dtype=D), torch.ones(1, 3))
+    with pytest.raises(ValueError, match="method"):
+        kalman_filter(A, A, torch.eye(2, dtype=D)[None], torch.ones(1, 4, dtype=D),
+                      torch.ones(1, 4, dtype=D), method="fast")
 
 
 def test_bad_hyperparameters():
