@@ -126,7 +126,7 @@ def test_predictive_matches_dense_closed_form(include_noise):
     pred = student_t_predictive(mll, xs, include_noise=include_noise)
     joint = mll.predictive(xs, include_noise=include_noise, joint=True)
     # DESIGN §3 by dense algebra
-    s2 = float(lik.noise)
+    s2 = float(lik.noise.detach())
     Ky = _dense(model, lik, x) + s2 * torch.eye(30, dtype=torch.float64)
     Ks = _dense(model, lik, x, xs)
     Kss = _dense(model, lik, xs) + (s2 * torch.eye(7, dtype=torch.float64) if include_noise
