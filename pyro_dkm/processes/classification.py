@@ -302,7 +302,10 @@ class SparseVariationalClassifier(PyroModule):
         Z = self.inducing_points
         L = cholesky(_kernel(self.kernel, Z), name="K_ZZ (kernel at the inducing points)")
         A = solve_tril(L, _kernel(self.kernel, Z, X))
-        resid = (_kernel(self.kernel, X, diag=True) - A.pow(2).sum(0)).clamp_min(0)
+        kxx = _kernel(self.kernel, X, diag=True)
+        # floored at its rounding level (exact zeros at the inducing inputs would give
+        # infinite gradients of sqrt(resid))
+        resid = torch.maximum(kxx - A.pow(2).sum(0), torch.finfo(kxx.dtype).eps * kxx.detach())
         return A, resid
 
     def latent_marginals(self, X: Tensor) -> tuple[Tensor, Tensor]:
