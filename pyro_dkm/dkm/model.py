@@ -338,17 +338,27 @@ class DeepKernelMachine(PyroModule):
 
     # ------------------------------------------------------------------ closed forms
     @pyro_method
-    def objective(self, X: Tensor, y: Tensor) -> Tensor:
-        """The sparse DKM objective on the full data (closed form for a Gaussian
-        likelihood, Monte-Carlo likelihood term for categorical)."""
+    def objective(self, X: Tensor, y: Tensor, *, num_data: int | None = None) -> Tensor:
+        """The sparse DKM objective (closed form for a Gaussian likelihood, Monte-Carlo
+        likelihood term for categorical). ``num_data=N``: ``X, y`` are a minibatch of a
+        data set of ``N`` points and the likelihood term is scaled by ``N / len(X)`` (an
+        unbiased estimate; equal to ``-TraceMeanField_ELBO`` of the model on that batch)."""
         claim_param_store(self)
         X = self._check_X(X)
         y = self._check_y(y, X.shape[0])
+        if num_data is not None and num_data < X.shape[0]:
+            raise ValueError(f"num_data ({num_data}) must be >= the batch size ({X.shape[0]})")
+        return self._objective(X, y, num_data)
+
+    @pyro_method
+    def _objective(self, X: Tensor, y: Tensor, num_data: int | None) -> Tensor:
+        """:meth:`objective` without argument checks (``X``, ``y`` already validated)."""
         K, K_tril, kls = self.forward_blocks(X)
         mean, var = self.output.marginals(*conditional_weights(K, K_tril))
         ell = self.expected_log_likelihood(mean, var, y).sum()
-        q, p = self.output.posterior(), self.output.prior(K_tril)
-        kl_u = torch.distributions.kl_divergence(q.base_dist, p.base_dist).sum()
+        if num_data is not None:
+            ell = ell * (num_data / X.shape[0])
+        kl_u = self.output.kl_to_prior(K_tril)
         return ell - sum(layer.nu * kl for layer, kl in zip(self.gram_layers, kls)) - kl_u
 
     @torch.no_grad()

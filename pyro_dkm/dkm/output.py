@@ -63,6 +63,21 @@ class SparseGPOutput(PyroModule):
         """``q(u)`` with event shape ``(C, M)``."""
         return dist.MultivariateNormal(self.u_loc, scale_tril=self.u_scale_tril).to_event(1)
 
+    def kl_to_prior(self, K_tril: Tensor) -> Tensor:
+        r""":math:`\sum_c \mathrm{KL}(q(u_c)\,\|\,\mathcal N(0, K_{ii}))` in closed form from
+        ``K_tril = chol(K_ii)``: :math:`\tfrac12\sum_c [\|L_K^{-1}L_{S_c}\|_F^2 +
+        \|L_K^{-1}m_c\|^2 - M + \log|K| - \log|S_c|]` (the value
+        ``torch.distributions.kl_divergence`` gives, without building distributions)."""
+        M, C = self.num_inducing, self.out_channels
+        S_tril = self.u_scale_tril  # (M, M) or (C, M, M)
+        trace = solve_tril(K_tril, S_tril).pow(2).sum((-1, -2))  # () or (C,)
+        maha = solve_tril(K_tril, self.u_loc.mT).pow(2).sum()  # sum over channels
+        logdet_K = 2 * K_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        logdet_S = 2 * S_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        per_channel = trace - M + logdet_K - logdet_S  # () shared or (C,)
+        total = per_channel * C if per_channel.dim() == 0 else per_channel.sum()
+        return 0.5 * (total + maha)
+
     def marginals(self, W: Tensor, resid: Tensor, u: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Mean and variance ``(T, C)`` of the latent ``f``: under ``q(u)`` when ``u`` is
         None, else of ``p(f | u)`` for the given ``(C, M)`` sample."""

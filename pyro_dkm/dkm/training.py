@@ -46,6 +46,16 @@ def validation_metric(model, X: Tensor, y: Tensor) -> float:
     return float(-(lp.sum(-1) if lp.dim() == 2 else lp).mean())
 
 
+def _closed_form_ok(model, elbo_name) -> bool:
+    """True when ``-TraceMeanField_ELBO`` of ``model`` is its closed-form objective."""
+    if elbo_name != "meanfield":
+        return False
+    if getattr(model, "likelihood", None) != "gaussian" or not getattr(
+            model, "analytic_expectation", False):
+        return False
+    return not any(getattr(m, "_pyro_samples", None) for m in model.modules())
+
+
 def _make_scheduler(opt, lr_schedule, total_steps):
     if lr_schedule is None:
         return None
@@ -77,6 +87,7 @@ def fit(
     progress: bool = True,
     seed: int | None = None,
     callback: Callable | None = None,
+    closed_form_loss: bool = True,
 ) -> FitResult:
     """Train a :class:`~pyro_dkm.dkm.DeepKernelMachine` (or an
     :class:`~pyro_dkm.dkm.ExactDeepKernelMachine`) in place.
@@ -101,6 +112,12 @@ def fit(
         progress: tqdm progress bar on stderr.
         seed: ``pyro.set_rng_seed`` before training.
         callback: ``callback(step, loss)`` after every step; return True to stop.
+        closed_form_loss: with ``elbo="meanfield"``, a Gaussian likelihood, the analytic
+            expectation and no ``PyroSample`` priors, ``-TraceMeanField_ELBO`` of the model
+            equals the closed-form minibatch objective
+            (``-model.objective(X_b, y_b, num_data=N)``, tested to 1e-9); compute that
+            directly instead of tracing ``model``/``guide`` (same values and gradients,
+            about a quarter less time per step). ``False`` always goes through Pyro.
     """
     from .exact import ExactDeepKernelMachine
 
@@ -141,12 +158,19 @@ def fit(
         raise ValueError("give num_steps or epochs, not both")
     total = num_steps if num_steps is not None else (
         epochs * steps_per_epoch if epochs is not None else 1000)
+    elbo_name = elbo if isinstance(elbo, str) else None
     if isinstance(elbo, str):
         if elbo not in ("meanfield", "trace"):
             raise ValueError(f"elbo must be 'meanfield', 'trace' or an ELBO, got {elbo!r}")
         elbo = pyro.infer.TraceMeanField_ELBO() if elbo == "meanfield" else pyro.infer.Trace_ELBO()
     if init_q and not exact and model.likelihood == "gaussian":
         model.init_q(X, y)
+    closed_form = not exact and closed_form_loss and _closed_form_ok(model, elbo_name)
+    if closed_form:
+        from .layers import claim_param_store
+
+        claim_param_store(model)
+        y_checked = model._check_y(y, N)
 
     result = FitResult()
     if True:
@@ -167,6 +191,9 @@ def fit(
                     perm = torch.randperm(N)
                 if exact:
                     loss = -model.objective()
+                elif closed_form:
+                    idx = perm[k * B:(k + 1) * B]
+                    loss = -model._objective(X[idx], y_checked[idx], N)
                 else:
                     idx = perm[k * B:(k + 1) * B]
                     loss = elbo.differentiable_loss(model.model, model.guide, X[idx], y[idx],

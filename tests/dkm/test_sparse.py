@@ -200,3 +200,55 @@ def test_kernel_lengthscale_is_a_learned_pyroparam():
     for _ in range(5):
         svi.step(X, y)
     assert float(m.kernel_layers[0].lengthscale.detach()) != 2.0
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_kl_to_prior_equals_torch_kl_divergence(shared):
+    # closed-form sum_c KL(q(u_c) || N(0, K_ii)) = torch.distributions.kl_divergence (1e-10)
+    X, _ = toy_regression(20)
+    m = DeepKernelMachine(select_inducing_points(X, 8), out_channels=2,
+                          shared_covariance=shared)
+    perturb_grams(m, 0.2)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # q(u) away from the prior: random mean, random scale factor
+        m.output.u_loc_unconstrained.normal_(0, 0.3, generator=gen)
+        S = m.output.u_scale_tril_unconstrained
+        S.add_(0.1 * torch.randn(S.shape, generator=gen, dtype=S.dtype).tril())
+    K, K_tril, _ = m.forward_blocks(X)
+    q, p = m.output.posterior(), m.output.prior(K_tril)
+    ref = torch.distributions.kl_divergence(q.base_dist, p.base_dist).sum()
+    torch.testing.assert_close(m.output.kl_to_prior(K_tril), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_minibatch_objective_equals_meanfield_elbo_and_its_gradients():
+    # objective(X_b, y_b, num_data=N) = -TraceMeanField_ELBO on the same minibatch (1e-9
+    # relative), with the same gradients (1e-8): what fit's closed-form path computes
+    m, X, y = _trained_like(n=40, M=8)
+    idx = torch.arange(5, 17)
+    elbo = pyro.infer.TraceMeanField_ELBO()
+    params = list(m.parameters())
+    loss = elbo.differentiable_loss(m.model, m.guide, X[idx], y[idx], num_data=40)
+    obj = m.objective(X[idx], y[idx], num_data=40)
+    assert abs(loss.item() + obj.item()) < 1e-9 * abs(obj.item())
+    g1 = torch.autograd.grad(loss, params, allow_unused=True)
+    g2 = torch.autograd.grad(-obj, params, allow_unused=True)
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="num_data"):
+        m.objective(X[idx], y[idx], num_data=3)
+
+
+def test_fit_closed_form_path_matches_pyro_path():
+    # fit's closed-form loss and the traced Pyro ELBO give the same training run (full
+    # batch, so no dependence on the random minibatch order): same losses to 1e-9
+    from pyro_dkm.dkm import fit
+
+    runs = []
+    for closed in (True, False):
+        m, X, y = _trained_like(n=30, M=6)
+        res = fit(m, X, y, num_steps=5, lr=1e-2, progress=False, closed_form_loss=closed)
+        runs.append(res.losses)
+    for a, b in zip(*runs):
+        assert abs(a - b) < 1e-9 * abs(b), runs

@@ -117,3 +117,60 @@ def test_sum_gram_is_weighted_sum():
 def test_bad_input(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+def _arccos_points(T=6, M=4, seed=0, dtype=torch.float64):
+    """Cross Gram (T, M) and both diagonals of random features (|cos| < 1 everywhere)."""
+    g = torch.Generator().manual_seed(seed)
+    F = torch.randn(T + M, 5, generator=g, dtype=dtype)
+    G = F @ F.T / 5
+    d = G.diagonal()
+    return G[:T, T:].clone(), d[:T, None].clone(), d[None, T:].clone()
+
+
+def test_arccos_cov_gradcheck_float64():
+    # the hand-derived backward of the fused arc-cosine covariance against finite
+    # differences (torch.autograd.gradcheck, float64, its default tolerances), with the
+    # diagonals broadcast as (T, 1) and (1, M) like the inducing form uses them
+    from pyro_dkm.kernels.gram import arccos_cov
+
+    k12, k11, k22 = (t.requires_grad_() for t in _arccos_points())
+    assert torch.autograd.gradcheck(arccos_cov, (k12, k11, k22))
+
+
+def test_arccos_cov_equals_autograd_of_relu_expectations():
+    # same values and gradients as differentiating nngp.relu_expectations elementwise
+    # (1e-12), both at generic points and at coincident points where s^2 is floored
+    # (G_ii's diagonal: k12 = k11 = k22) and at an anti-parallel pair (k12 = -sqrt(k11 k22))
+    from pyro_dkm.kernels.gram import arccos_cov
+    from pyro_dkm.kernels.nngp import relu_expectations
+
+    F = torch.randn(7, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    F[3] = F[0]  # duplicate point
+    F[4] = -2.0 * F[1]  # anti-parallel point
+    G = F @ F.T / 5
+    w = torch.randn(7, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grads = []
+    for fn in (arccos_cov, lambda a, b, c: relu_expectations(a, b, c)[0]):
+        Gr = G.clone().requires_grad_()
+        g = Gr.diagonal()
+        K = fn(Gr, g[:, None], g[None, :])
+        (K * w).sum().backward()
+        grads.append((K.detach(), Gr.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-12)
+
+
+def test_arccos_cov_float32_and_zero_diagonal_are_finite():
+    # float32 and a zero-norm point (k11 = 0: the floor is the constant `tiny`) give finite
+    # values and gradients
+    from pyro_dkm.kernels.gram import arccos_cov
+
+    k12, k11, k22 = (t.float() for t in _arccos_points())
+    k11[0] = 0.0
+    k12[0] = 0.0
+    k12, k11, k22 = (t.requires_grad_() for t in (k12, k11, k22))
+    K = arccos_cov(k12, k11, k22)
+    K.sum().backward()
+    for t in (K, k12.grad, k11.grad, k22.grad):
+        assert torch.isfinite(t).all()
