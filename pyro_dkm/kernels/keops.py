@@ -25,6 +25,7 @@ compile, everything falls back to the dense torch path with a warning.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -32,14 +33,14 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..linalg import check_tensor
-from .nngp import Dense, Erf, NNGPKernelFn, Relu
+from .nngp import Dense, Erf, NNGPKernelFn, Relu, clamp_eps
 
 __all__ = [
     "keops_available",
     "set_keops_cache_dir",
-    "keops_kernel",
     "keops_matmul",
     "NNGPOperator",
     "KeOpsFallbackWarning",
@@ -167,8 +168,8 @@ def _variances(prog, theta: Tensor, x: Tensor) -> Tensor:
 
 
 def _act_features(prog, var: Tensor) -> Tensor:
-    """Per-point factors each activation needs: ReLU sqrt(eps) k (floor of s^2 is their
-    product) and k; erf 1/sqrt(1 + 2k). Shape (n, 2 * n_act)."""
+    """Per-point factors each activation needs: ReLU k and sqrt(eps) k (the floor of s^2 is
+    their product), erf k and 1/sqrt(1 + 2k). Shape (n, 2 * max(n_act, 1))."""
     eps = torch.finfo(var.dtype).eps
     cols = []
     for op, a in prog:
@@ -178,39 +179,309 @@ def _act_features(prog, var: Tensor) -> Tensor:
             cols += [var[:, a], torch.rsqrt(1 + 2 * var[:, a])]
     if not cols:
         cols = [var[:, 0], var[:, 0]]
-    return torch.stack(cols, -1).contiguous()
+    return torch.stack(cols, -1)
 
 
-def _formula(prog, get: str, xi, yj, fi, fj, th, d: int, eps_clamp: float):
-    """The symbolic kernel K_ij (a KeOps LazyTensor)."""
-    cov = (xi | yj) / d
-    ntk = None
+def _points(prog, theta: Tensor, x: Tensor, index: Tensor) -> Tensor:
+    """Per-point KeOps variable [x, index, features], (n, d + 1 + n_features)."""
+    f = _act_features(prog, _variances(prog, theta, x))
+    return torch.cat([x, index[:, None].to(x), f], -1).contiguous()
+
+
+def _constants(d: int, like: Tensor) -> Tensor:
+    eps = clamp_eps(like.dtype)
+    return like.new_tensor([1 / d, math.pi, 1 / (2 * math.pi), 1 / (4 * math.pi), 2 / math.pi,
+                            -1 + eps, 1 - eps])
+
+
+# --------------------------------------------------------------------------
+# Formula text: one pair (i, j) of the kernel, with explicit let-bindings
+# --------------------------------------------------------------------------
+# KeOps formulas are trees: a sub-formula used twice is computed twice, and KeOps'
+# symbolic gradient of a depth-3 network grows to tens of MB of C++. We therefore write
+# the formula text ourselves: every shared intermediate is bound once with a Python
+# assignment expression and turned into a KeOps temporary with ``Factorize``, so the
+# generated code is linear in depth, and the gradients are hand-derived formulas
+# (reverse mode through the layer recursion) of the same compact form.
+#
+# Variables: A = Vi(0, D) and B = Vj(1, D) hold per point [x (d), index (1), features];
+# T = Pm(2, P) the Dense hyper-parameters [w_0, b_0, w_1, b_1, ...]; C = Pm(3, 7) constants
+# (floats cannot appear in KeOps formula text). Features per activation k (two columns):
+# ReLU (k, sqrt(eps) k), erf (k, (1 + 2k)^-1/2), k the pre-activation variance.
+_C_INVD, _C_PI, _C_1_2PI, _C_1_4PI, _C_2_PI, _C_LO, _C_HI = range(7)
+
+
+class _Text:
+    """Formula text with let-bindings: ``let(expr)`` returns a name bound to ``expr``."""
+
+    def __init__(self):
+        self.binds: list[tuple[str, str]] = []
+
+    def let(self, expr: str) -> str:
+        if expr.isidentifier() or expr.startswith("IntCst("):
+            return expr  # nothing to share
+        name = f"_t{len(self.binds)}"
+        self.binds.append((name, expr))
+        return name
+
+    def build(self, body: str) -> str:
+        # Factorize the latest binding first (it may use earlier ones), the first last.
+        for name, _ in reversed(self.binds):
+            body = f"Factorize({body},{name})"
+        lets = "".join(f"({n}:={e})," for n, e in self.binds)
+        return f"[{lets}{body}][-1]" if self.binds else body
+
+
+def _el(var: str, k: int) -> str:
+    return f"Elem({var},{k})"
+
+
+def _c(k: int) -> str:
+    return f"Elem(C,{k})"
+
+
+def _add(*terms):
+    terms = [t for t in terms if t is not None]
+    return None if not terms else "(" + "+".join(terms) + ")"
+
+
+def _pair_forward(tx: _Text, prog, get: str, d: int):
+    """Bind the forward recursion for one pair; returns (value, tape)."""
+    c = tx.let(f"((Extract(A,0,{d})|Extract(B,0,{d}))*{_c(_C_INVD)})")
+    t, tape, off = None, [], d + 1
     track = get == "ntk"
     for op, k in prog:
         if op == "dense":
-            w, b = th[2 * k], th[2 * k + 1]
-            cov = b + w * cov
+            w, b = _el("T", 2 * k), _el("T", 2 * k + 1)
+            c_new = tx.let(f"({b}+{w}*{c})")
+            t_new = None
             if track:
-                ntk = cov if ntk is None else cov + w * ntk
+                t_new = c_new if t is None else tx.let(f"({c_new}+{w}*{t})")
+            tape.append(("dense", k, c, t, {}))
         elif op == "relu":
-            k11, k22 = fi[2 * k], fj[2 * k]
-            floor = fi[2 * k + 1] * fj[2 * k + 1]  # eps * k11 * k22
-            s = (floor + (k11 * k22 - cov * cov - floor).relu()).sqrt()
-            dot = (math.pi - s.atan2(cov)) / (2 * math.pi)
-            cov = s / (2 * math.pi) + dot * cov
-            if track and ntk is not None:
-                ntk = dot * ntk
+            e1, e2 = _el("A", off + 2 * k + 1), _el("B", off + 2 * k + 1)
+            k11, k22 = _el("A", off + 2 * k), _el("B", off + 2 * k)
+            fl = tx.let(f"({e1}*{e2})")  # eps k11 k22: floor of s^2
+            a = tx.let(f"({k11}*{k22}-Square({c})-{fl})")
+            s = tx.let(f"Sqrt({fl}+ReLU({a}))")
+            dot = tx.let(f"(({_c(_C_PI)}-Atan2({s},{c}))*{_c(_C_1_2PI)})")
+            c_new = tx.let(f"({s}*{_c(_C_1_2PI)}+{dot}*{c})")
+            t_new = tx.let(f"({dot}*{t})") if track and t is not None else None
+            tape.append(("relu", k, c, t, dict(a=a, s=s, dot=dot, k22=k22, e2=e2)))
         else:  # erf
-            r = fi[2 * k + 1] * fj[2 * k + 1]  # 1 / sqrt((1+2k11)(1+2k22))
-            s = (2 * cov * r).clamp(-1 + eps_clamp, 1 - eps_clamp)
-            cov = (2 / math.pi) * s.asin()
-            if track and ntk is not None:
-                ntk = (4 / math.pi) * r * (1 - s * s).rsqrt() * ntk
-    if track:
-        if ntk is None:
-            return 0 * cov
-        return ntk
-    return cov
+            r = tx.let(f"({_el('A', off + 2 * k + 1)}*{_el('B', off + 2 * k + 1)})")
+            z = tx.let(f"(2*{c}*{r})")
+            u = tx.let(f"Clamp({z},{_c(_C_LO)},{_c(_C_HI)})")
+            g1 = tx.let(f"({_c(_C_2_PI)}*Rsqrt(1-Square({u})))")  # d c_new / d u
+            c_new = tx.let(f"({_c(_C_2_PI)}*Asin({u}))")
+            t_new = dot = None
+            if track and t is not None:
+                dot = tx.let(f"(2*{r}*{g1})")
+                t_new = tx.let(f"({dot}*{t})")
+            tape.append(("erf", k, c, t, dict(r=r, z=z, u=u, g1=g1, dot=dot,
+                                              r2=_el("B", off + 2 * k + 1))))
+        c, t = c_new, t_new
+    return (t if track else c), tape
+
+
+def _pair_backward(tx: _Text, tape, get: str, d: int, nf: int, n_theta: int) -> str:
+    """Bind the reverse sweep; returns the per-pair gradient vector
+    [dF/dc0 * y / d (d), dF/dfeatures_i (nf), dF/dtheta (n_theta)]."""
+    cb, tb = ("IntCst(1)", None) if get == "nngp" else (None, "IntCst(1)")  # adjoints of (cov, ntk)
+    fbar: list = [None] * nf
+    thbar: list = [None] * n_theta
+    for op, k, c, t, v in reversed(tape):
+        if op == "dense":
+            w = _el("T", 2 * k)
+            if tb is not None:  # ntk_out = cov_out + w ntk_in (or cov_out on the first Dense)
+                cb = _add(cb, tb)
+                if t is not None:
+                    thbar[2 * k] = _add(thbar[2 * k], f"({tb}*{t})")
+                    tb = tx.let(f"({w}*{tb})")
+                else:
+                    tb = None
+            if cb is not None:  # cov_out = b + w cov_in
+                cb = tx.let(cb)
+                thbar[2 * k + 1] = _add(thbar[2 * k + 1], cb)
+                thbar[2 * k] = _add(thbar[2 * k], f"({cb}*{c})")
+                cb = tx.let(f"({w}*{cb})")
+        elif op == "relu":
+            s, dot, a = v["s"], v["dot"], v["a"]
+            st = tx.let(f"(1-Step(-{a}))")  # 1 where s^2 = k11 k22 - c^2 is above its floor
+            den = tx.let(f"(Square({s})+Square({c}))")
+            p = tx.let(f"({s}/{den})")
+            # x: the common factor of the derivatives w.r.t. k11 and eps k11
+            terms_c, x = [], None
+            if cb is not None:
+                terms_c.append(f"({cb}*({dot}+(1-{st})*{c}*{p}*{_c(_C_1_2PI)}))")
+                x = f"({cb}*{p})"
+            if tb is not None and t is not None:
+                rr = tx.let(f"Inv({s}*{den})")
+                tt = tx.let(f"({tb}*{t})")
+                terms_c.append(f"({tt}*(Square({s})+{st}*Square({c}))*{rr}*{_c(_C_1_2PI)})")
+                x = _add(x, f"(-{tt}*{c}*{rr})")
+                tb = tx.let(f"({tb}*{dot})")
+            else:
+                tb = None
+            if x is not None:
+                x = tx.let(f"({x}*{_c(_C_1_4PI)})")
+                fbar[2 * k] = _add(fbar[2 * k], f"({st}*{v['k22']}*{x})")
+                fbar[2 * k + 1] = _add(fbar[2 * k + 1], f"((1-{st})*{v['e2']}*{x})")
+            cb = tx.let(_add(*terms_c)) if terms_c else None
+        else:  # erf
+            r, z, u, g1, dot = v["r"], v["z"], v["u"], v["g1"], v["dot"]
+            inr = tx.let(f"Step({_c(_C_HI)}-Abs({z}))")  # clamp inactive
+            ub, rb = [], []
+            if cb is not None:
+                ub.append(f"({cb}*{g1})")
+            if tb is not None and t is not None:
+                tt = tx.let(f"({tb}*{t})")
+                ub.append(f"({tt}*{dot}*{u}/(1-Square({u})))")
+                rb.append(f"(2*{tt}*{g1})")
+                tb = tx.let(f"({tb}*{dot})")
+            else:
+                tb = None
+            if ub:
+                ubar = tx.let(f"({_add(*ub)}*{inr})")
+                rb.append(f"(2*{ubar}*{c})")
+                cb = tx.let(f"(2*{ubar}*{r})")
+            else:
+                cb = None
+            if rb:
+                fbar[2 * k + 1] = _add(fbar[2 * k + 1], f"({_add(*rb)}*{v['r2']})")
+    parts = [f"({cb}*{_c(_C_INVD)})*Extract(B,0,{d})" if cb is not None else f"Zero({d})"]
+    parts += [f if f is not None else "Zero(1)" for f in fbar]
+    parts += [f if f is not None else "Zero(1)" for f in thbar]
+    vec = parts[0]
+    for p_ in parts[1:]:
+        vec = f"Concat({vec},{p_})"
+    return vec
+
+
+@functools.lru_cache(maxsize=64)
+def _formulas(prog, get: str, d: int, backward: bool) -> str:
+    tx = _Text()
+    value, tape = _pair_forward(tx, prog, get, d)
+    mask = f"NotEqual(Elem(A,{d}),Elem(B,{d}))"  # 0 on the diagonal of K(X, X)
+    if not backward:
+        return tx.build(f"(({mask}*{value})*V)")
+    n_theta = max(2 * sum(op == "dense" for op, _ in prog), 1)
+    nf = 2 * max(sum(op != "dense" for op, _ in prog), 1)
+    vec = _pair_backward(tx, tape, get, d, nf, n_theta)
+    return tx.build(f"(({mask}*(G|V))*{vec})")
+
+
+_ROUTINES: dict = {}
+
+
+def _reduce(spec, backward: bool, *args: Tensor) -> Tensor:
+    """Run the forward (sum_j K_ij V_j) or backward reduction through KeOps."""
+    prog, get, d = spec
+    dim, m, p = args[0].shape[-1], args[-1].shape[-1], args[2].shape[-1]
+    key = (prog, get, d, dim, m, p, backward)
+    routine = _ROUTINES.get(key)
+    if routine is None:
+        from pykeops.torch import Genred  # noqa: PLC0415
+
+        aliases = [f"A=Vi(0,{dim})", f"B=Vj(1,{dim})", f"T=Pm(2,{p})", "C=Pm(3,7)"]
+        aliases += ([f"G=Vi(4,{m})", f"V=Vj(5,{m})"] if backward else [f"V=Vj(4,{m})"])
+        routine = Genred(_formulas(prog, get, d, backward), aliases, reduction_op="Sum",
+                         axis=1)
+        _ROUTINES[key] = routine
+    return routine(*args)
+
+
+class _KeOpsMatmul(torch.autograd.Function):
+    """``sum_j K(a_i, b_j) v_j`` with hand-derived KeOps gradients (chunked torch fallback)."""
+
+    @staticmethod
+    def forward(ctx, a1, a2, theta, consts, v, spec):
+        ctx.save_for_backward(a1, a2, theta, consts, v)
+        ctx.spec = spec
+        return _reduce(spec, False, a1, a2, theta, consts, v)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        a1, a2, theta, consts, v = ctx.saved_tensors
+        spec, g = ctx.spec, g.contiguous()
+        need_a1, need_a2, need_th, _, need_v = ctx.needs_input_grad[:5]
+        try:
+            return _keops_backward(spec, a1, a2, theta, consts, v, g, need_a1 or need_th,
+                                   need_a2, need_v) + (None,)
+        except Exception as err:  # compilation/runtime failure: exact torch, O(N chunk)
+            warnings.warn(f"KeOps gradient failed ({type(err).__name__}: {str(err)[:300]}); "
+                          f"using chunked torch gradients", KeOpsFallbackWarning, stacklevel=2)
+            return _chunked_backward(spec, a1, a2, theta, consts, v, g, need_a2, need_v) + (
+                None,)
+
+
+def _keops_backward(spec, a1, a2, theta, consts, v, g, need_1, need_2, need_v):
+    d = spec[2]
+    grad_a1 = grad_a2 = grad_th = grad_v = None
+    if need_v:  # K^T g: the kernel is symmetric in its two points
+        grad_v = _reduce(spec, False, a2, a1, theta, consts, g)
+
+    def side(ai, aj, gi, vj):
+        r = _reduce(spec, True, ai, aj, theta, consts, gi, vj)
+        nf = ai.shape[-1] - d - 1
+        grad = torch.cat([r[:, :d], torch.zeros_like(r[:, :1]), r[:, d:d + nf]], -1)
+        return grad, r[:, d + nf:].sum(0)
+
+    if need_1:
+        grad_a1, grad_th = side(a1, a2, g, v)
+    if need_2:
+        grad_a2, _ = side(a2, a1, v, g)
+    return grad_a1, grad_a2, grad_th, None, grad_v
+
+
+def _pair_torch(spec, A: Tensor, B: Tensor, T: Tensor, C: Tensor) -> Tensor:
+    """The same pair formula as the KeOps one, in torch, for (na, 1, D) x (1, nb, D)."""
+    prog, get, d = spec
+    off = d + 1
+    c = (A[..., :d] * B[..., :d]).sum(-1) * C[_C_INVD]
+    t = None
+    for op, k in prog:
+        if op == "dense":
+            w, b = T[2 * k], T[2 * k + 1]
+            c = b + w * c
+            if get == "ntk":
+                t = c if t is None else c + w * t
+        elif op == "relu":
+            fl = A[..., off + 2 * k + 1] * B[..., off + 2 * k + 1]
+            a = A[..., off + 2 * k] * B[..., off + 2 * k] - c * c - fl
+            s = (fl + a.relu()).sqrt()
+            dot = (C[_C_PI] - torch.atan2(s, c)) * C[_C_1_2PI]
+            c, t = s * C[_C_1_2PI] + dot * c, None if t is None else dot * t
+        else:
+            r = A[..., off + 2 * k + 1] * B[..., off + 2 * k + 1]
+            u = (2 * c * r).clamp(-1 + clamp_eps(c.dtype), 1 - clamp_eps(c.dtype))
+            g1 = C[_C_2_PI] * torch.rsqrt(1 - u * u)
+            c, t = C[_C_2_PI] * torch.asin(u), None if t is None else 2 * r * g1 * t
+    out = t if get == "ntk" else c
+    return out * (A[..., d] != B[..., d]).to(out)
+
+
+def _chunked_backward(spec, a1, a2, theta, consts, v, g, need_a2, need_v):
+    grads = [torch.zeros_like(a1), torch.zeros_like(a2), torch.zeros_like(theta)]
+    grad_v = torch.zeros_like(v) if need_v else None
+    chunk = max(1, 2 ** 20 // max(a2.shape[0], 1))
+    for i0 in range(0, a1.shape[0], chunk):
+        with torch.enable_grad():
+            ins = [a1[i0:i0 + chunk].detach().requires_grad_(),
+                   a2.detach().requires_grad_(need_a2), theta.detach().requires_grad_()]
+            k = _pair_torch(spec, ins[0][:, None, :], ins[1][None, :, :], ins[2], consts)
+            gi = g[i0:i0 + chunk]
+            loss = (k * (gi @ v.mT)).sum()
+            got = torch.autograd.grad(loss, [x for x in ins if x.requires_grad])
+        got = iter(got)
+        grads[0][i0:i0 + chunk] = next(got)
+        if need_a2:
+            grads[1] += next(got)
+        grads[2] += next(got)
+        if need_v:
+            grad_v += k.detach().mT @ gi
+    return grads[0], grads[1] if need_a2 else None, grads[2], None, grad_v
 
 
 def _check_get(get):
@@ -219,7 +490,7 @@ def _check_get(get):
                          f"{get!r}")
 
 
-def _keops_supported(kfn, x1, x2) -> str | None:
+def _keops_supported(kfn, x1, x2, v=None) -> str | None:
     """Why the KeOps path cannot be used, or None."""
     if x1.dim() != 2 or x2.dim() != 2:
         return "batched inputs"
@@ -229,43 +500,11 @@ def _keops_supported(kfn, x1, x2) -> str | None:
             return "batched hyper-parameters"
     if x1.dtype not in (torch.float32, torch.float64):
         return f"dtype {x1.dtype}"
+    if x2.dtype != x1.dtype or (v is not None and v.dtype != x1.dtype):
+        return "mixed dtypes"
+    if not any(isinstance(layer, Dense) for layer in kfn.layers):
+        return "a network without Dense layers"
     return None
-
-
-def keops_kernel(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None = None, *,
-                 get: str = "nngp"):
-    """The symbolic kernel matrix ``K(x1, x2)`` as a pykeops ``LazyTensor`` of shape
-    ``(n1, n2)`` (2-D inputs, scalar hyper-parameters). Reduce it yourself, e.g.
-    ``(K * LazyTensor(v[None, :, :])).sum(1)``. Raises ``RuntimeError`` without pykeops.
-    """
-    LT = _lazy_tensor_cls()
-    if not LT:
-        raise RuntimeError("pykeops is not available")
-    _check_get(get)
-    x2 = x1 if x2 is None else x2
-    why = _keops_supported(kfn, x1, x2)
-    if why:
-        raise ValueError(f"the KeOps path does not support {why}")
-    prog, _, _ = _program(kfn)
-    theta = _hypers(kfn, x1)
-    return _lazy_from(LT, prog, get, x1, x2, theta)
-
-
-def _lazy_from(LT, prog, get, x1, x2, theta):
-    f1 = _act_features(prog, _variances(prog, theta, x1))
-    f2 = f1 if x2 is x1 else _act_features(prog, _variances(prog, theta, x2))
-    # One i-variable and one j-variable ([x, features]): fewer variables means fewer
-    # gradient formulas to compile (KeOps builds one per differentiated variable).
-    d = x1.shape[-1]
-    a1 = torch.cat([x1, f1], -1).contiguous()
-    a2 = a1 if x2 is x1 else torch.cat([x2, f2], -1).contiguous()
-    ai, aj = LT(a1[:, None, :]), LT(a2[None, :, :])
-    xi, yj = ai[:d], aj[:d]
-    fi, fj = ai[d:], aj[d:]
-    th = LT(theta.contiguous())  # 1-D: a runtime parameter vector
-    from .nngp import clamp_eps  # noqa: PLC0415
-
-    return _formula(prog, get, xi, yj, fi, fj, th, x1.shape[-1], clamp_eps(x1.dtype))
 
 
 def _dense_matmul(kfn, x1, x2, v, get, sym):
@@ -273,6 +512,20 @@ def _dense_matmul(kfn, x1, x2, v, get, sym):
 
 
 _FAILED: set = set()
+
+
+def _keops_matmul_impl(kfn, x1, x2, v, get, sym):
+    """The KeOps path (raises on failure); ``v`` is 2-D."""
+    prog, _, _ = _program(kfn)
+    theta = _hypers(kfn, x1)
+    d = x1.shape[-1]
+    a1 = _points(prog, theta, x1, torch.arange(x1.shape[0], device=x1.device))
+    a2 = a1 if sym else _points(prog, theta, x2, -1 - torch.arange(x2.shape[0],
+                                                                   device=x2.device))
+    out = _KeOpsMatmul.apply(a1, a2, theta, _constants(d, x1), v.contiguous(), (prog, get, d))
+    if sym:  # the exact closed-form diagonal (the lazy sum skips j == i)
+        out = out + kfn(x1, diag=True, get=get)[:, None] * v
+    return out
 
 
 def keops_matmul(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None, v: Tensor, *,
@@ -283,6 +536,9 @@ def keops_matmul(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None, v: Tensor, *,
 
     ``use_keops``: ``True`` (KeOps, warn and fall back to dense if impossible),
     ``False`` (dense), or ``"auto"`` (KeOps when both sizes ``>= threshold``).
+    With ``x2=None`` (or ``x2 is x1``) the exact closed-form diagonal is used, as in the
+    dense path. Gradients are hand-derived KeOps reductions (falling back to exact
+    chunked torch gradients in O(N * chunk) memory if they fail to build).
     """
     _check_get(get)
     check_tensor(x1, "x1", min_ndim=2)
@@ -304,17 +560,13 @@ def keops_matmul(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None, v: Tensor, *,
     else:
         raise ValueError(f"use_keops must be True, False or 'auto', got {use_keops!r}")
     if use:
-        why = _keops_supported(kfn, x1, x2) or (None if _lazy_tensor_cls() else "no pykeops")
+        why = _keops_supported(kfn, x1, x2, v) or (None if _lazy_tensor_cls() else "no pykeops")
         if why is None:
             prog, _, _ = _program(kfn)
             key = (prog, get, x1.shape[-1], 1 if vec else v.shape[-1], x1.dtype, x1.device.type)
             if key not in _FAILED:
                 try:
-                    theta = _hypers(kfn, x1)
-                    K = _lazy_from(_lazy_tensor_cls(), prog, get, x1, x2 if not sym else x1,
-                                   theta)
-                    vv = v[:, None] if vec else v
-                    out = (K * _lazy_tensor_cls()(vv.contiguous()[None, :, :])).sum(1)
+                    out = _keops_matmul_impl(kfn, x1, x2, v[:, None] if vec else v, get, sym)
                     return out[:, 0] if vec else out
                 except Exception as err:  # compilation/runtime failure in KeOps
                     _FAILED.add(key)
