@@ -2,8 +2,33 @@ r"""Scale mixtures of (NN)GPs: Student-t processes and arbitrary scale priors.
 
 Lee, Yun, Yang & Lee, "Scale Mixtures of Neural Network Gaussian Processes", ICLR 2022.
 See ``docs/processes.md``.
+
+* :class:`StudentTProcess` -- inverse-gamma mixture, a ``MultivariateStudentT`` prior;
+* :class:`ScaleMixture` -- any positive scale prior (``log_prob`` by quadrature);
+* :class:`StudentTProcessRegression`, :class:`ScaleMixtureRegression`,
+  :class:`GaussianProcessRegression` -- exact regression, :func:`fit`;
+* :class:`BurrXII`, quadrature / importance-sampling posteriors over the scale,
+  :class:`SpectralProblem` (one eigendecomposition, O(n) per hyper-parameter step).
 """
 
+from .regression import (
+    GaussianProcessRegression,
+    NNGPCovariance,
+    ScaleMixtureRegression,
+    StudentTProcessRegression,
+    fit,
+)
+from .scale_mixture import (
+    BurrXII,
+    GaussianScaleLikelihood,
+    ScaleMixture,
+    ScalePosterior,
+    check_scale_prior,
+    mixture_predictive,
+    scale_posterior_importance,
+    scale_posterior_quadrature,
+)
+from .spectral import SpectralProblem, maximise_positive
 from .student_t import (
     StudentTProcess,
     inverse_gamma_posterior,
@@ -18,4 +43,35 @@ __all__ = [
     "kernel_matrix",
     "log_gamma_ratio",
     "student_t_log_marginal",
+    "BurrXII",
+    "GaussianScaleLikelihood",
+    "ScaleMixture",
+    "ScalePosterior",
+    "check_scale_prior",
+    "mixture_predictive",
+    "scale_posterior_importance",
+    "scale_posterior_quadrature",
+    "GaussianProcessRegression",
+    "NNGPCovariance",
+    "ScaleMixtureRegression",
+    "StudentTProcessRegression",
+    "fit",
+    "SpectralProblem",
+    "maximise_positive",
 ]
+
+# Modules contributed alongside (classification, GPyTorch route): import them when they
+# import cleanly, never let them break this package.
+def _optional(name: str) -> None:
+    import importlib
+    import warnings
+
+    try:
+        importlib.import_module(f"{__name__}.{name}")
+    except Exception as err:  # pragma: no cover - depends on the optional module
+        warnings.warn(f"pyro_dkm.processes.{name} could not be imported: {err!r}",
+                      ImportWarning, stacklevel=2)
+
+
+_optional("classification")
+_optional("gpytorch")
