@@ -90,7 +90,10 @@ def main(argv=None) -> int:
     p.add_argument("--nngp-max-train", type=int, default=2000)
     p.add_argument("--models", default="DKM,SVGP,DGP-2,NNGP")
     p.add_argument("--csv", type=Path, default=None, help="also write the rows as CSV")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads, the same for every model (default 1)")
     args = resolve(p.parse_args(argv))
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.num_inducing, args.steps, args.max_epochs = 10, 6, 3
         args.splits = 1 if args.splits is None else min(args.splits, 1)
@@ -101,7 +104,10 @@ def main(argv=None) -> int:
     uci_dir = Path(args.data_dir) / "uci"
     names = args.datasets or list_uci_datasets(uci_dir)
     models = [m for m in args.models.split(",") if m]
-    rows, ratios, wins, compared = [], [], 0, 0
+    rows, ratios, wins, compared, budget = [], [], 0, 0, {}
+    meta = dict(num_inducing=args.num_inducing, steps=args.steps, max_epochs=args.max_epochs,
+                batch_size=args.batch_size, lr=args.lr, nu=args.nu, threads=args.threads,
+                nngp_max_train=args.nngp_max_train)
     for name in names:
         n_splits = min(args.splits or 10**9, uci_n_splits(uci_dir / name))
         res = {m: {"ll": [], "rmse": [], "spe": []} for m in models}
@@ -113,6 +119,7 @@ def main(argv=None) -> int:
             B = min(args.batch_size, N)
             epochs = min(args.max_epochs, max(1, math.ceil(args.steps / math.ceil(N / B))))
             seed = args.seed + split
+            budget[name] = {"n_train": N, "epochs": epochs, "steps": epochs * math.ceil(N / B)}
             for m in models:
                 torch.manual_seed(seed)
                 if m == "DKM":
@@ -128,11 +135,17 @@ def main(argv=None) -> int:
             rows.append(row(name, label, "RMSE", res[m]["rmse"]))
             rows.append(row(name, label, "time/epoch", res[m]["spe"], unit="s"))
         if "DKM" in models and "DGP-2" in models:
+            rows.append(row(name, "DKM", "time ratio DKM/DGP-2",
+                            [a / b for a, b in zip(res["DKM"]["spe"], res["DGP-2"]["spe"])]))
+        if "DKM" in models and "DGP-2" in models:
             compared += 1
             dkm_ll = sum(res["DKM"]["ll"]) / len(res["DKM"]["ll"])
             dgp_ll = sum(res["DGP-2"]["ll"]) / len(res["DGP-2"]["ll"])
             wins += dkm_ll >= dgp_ll
             ratios.append(sum(res["DKM"]["spe"]) / sum(res["DGP-2"]["spe"]))
+        if args.json:  # partial results after every dataset
+            write_json(args.json, rows, summary="partial: " + ",".join(
+                dict.fromkeys(r["dataset"] for r in rows)), budget=budget, **meta)
     print_table(rows)
     if ratios:
         geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
@@ -144,7 +157,7 @@ def main(argv=None) -> int:
     print(summary)
     if args.json:
         write_json(args.json, rows, summary=summary, argv=sys.argv[1:] if argv is None else argv,
-                   num_inducing=args.num_inducing)
+                   budget=budget, **meta)
     if args.csv:
         write_csv(args.csv, rows)
     return 0
