@@ -285,3 +285,45 @@ def test_bad_input():
         model.elbo(X, y, num_data=3)
     with pytest.raises(ValueError, match="batch_size"):
         fit_classifier(model, X, y, batch_size=0, progress=False)
+
+
+# --------------------------------------------------------------------------- benchmark (c)
+def _digits_module():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import _digits
+
+    return _digits
+
+
+def test_digits_corruptions():
+    _digits = _digits_module()
+    X = torch.zeros(2, 64, dtype=F64)
+    X[0, 3 * 8 + 3] = 1.0  # one interior pixel
+    assert torch.equal(_digits.corrupt(X, "clean", 0.0), X)
+    blurred = _digits.corrupt(X, "blur", 0.7)
+    # a normalised Gaussian filter keeps the mass of an interior pixel (edges are far)
+    assert abs(float(blurred[0].sum()) - 1.0) < 1e-3 and float(blurred[0].max()) < 0.5
+    noisy = _digits.corrupt(X, "noise", 0.3, seed=1)
+    assert float(noisy.min()) >= 0 and float(noisy.max()) <= 1
+    assert not torch.equal(noisy, X)
+    with pytest.raises(ValueError, match="kind"):
+        _digits.corrupt(X, "rotate", 1.0)
+
+
+def test_digits_benchmark_smoke():
+    import argparse
+
+    _digits = _digits_module()
+    p = _digits.add_digits_args(argparse.ArgumentParser())
+    args = p.parse_args(["--digits-steps", "8", "--digits-inducing", "8",
+                         "--digits-predict-samples", "4", "--digits-seeds", "1"])
+    args.progress = False
+    rows = _digits.run_digits(args)
+    assert len(rows) == 7 * 2 * 2 + 2
+    assert {r["model"] for r in rows} == {"SVGP", "SVTP"}
+    assert all(math.isfinite(r["mean"]) and r["n"] == 1 for r in rows)
+    assert all(0 <= r["mean"] <= 1 for r in rows if r["metric"] == "accuracy")
+    assert _digits.summary_line(rows).startswith("SVTP vs SVGP on digits")
