@@ -52,7 +52,13 @@ def test_uci_quick(tmp_path):
     rows = data["rows"]
     models = {r["model"].split(" ")[0] for r in rows}
     assert models == {"DKM", "SVGP", "DGP-2", "NNGP"}
-    assert {r["metric"] for r in rows} == {"test LL", "RMSE", "time/epoch"}
+    assert {r["metric"] for r in rows} == {"test LL", "RMSE", "time/epoch",
+                                           "time ratio DKM/DGP-2"}
+    # the ratio row is the per-split DKM / DGP-2 seconds per epoch
+    get = {(r["model"], r["metric"]): r["mean"] for r in rows}
+    assert get[("DKM", "time ratio DKM/DGP-2")] == pytest.approx(
+        get[("DKM", "time/epoch")] / get[("DGP-2", "time/epoch")], rel=1e-12)
+    assert data["meta"]["threads"] == 1 and data["meta"]["budget"]["yacht"]["epochs"] >= 1
     assert all(set(r) >= {"dataset", "model", "metric", "mean", "se", "n"} for r in rows)
     assert all(math.isfinite(r["mean"]) for r in rows)
     assert "torch" in data["meta"] and "cpu" in data["meta"]
@@ -64,6 +70,14 @@ def test_uci_quick(tmp_path):
 @needs_data
 @pytest.mark.slow
 def test_finite_width_quick(tmp_path):
-    stdout, data = _run("finite_width.py", tmp_path=tmp_path)
+    import importlib.util
+
+    plot = importlib.util.find_spec("matplotlib") is not None  # the "examples" extra
+    stdout, data = _run("finite_width.py", *(["--plot", str(tmp_path / "fw.png")] if plot
+                                             else []), tmp_path=tmp_path)
     assert all(math.isfinite(r["mean"]) for r in data["rows"])
+    # several chains per width: standard errors over chains
+    assert all(r["n"] == 2 for r in data["rows"] if r["model"].startswith("N="))
     assert "Gram error" in stdout.splitlines()[-1]
+    if plot:
+        assert (tmp_path / "fw.png").read_bytes()[:4] == b"\x89PNG"
