@@ -53,7 +53,7 @@ BLUR_SIGMAS = (0.5, 1.0, 1.5)
 
 DEFAULTS = dict(digits_seeds=5, digits_steps=1500, digits_inducing=100, digits_batch=256,
                 digits_lr=0.02, digits_a=2.0, digits_b=2.0, digits_samples=8,
-                digits_predict_samples=256)
+                digits_predict_samples=256, digits_train_size=None)
 QUICK = dict(digits_seeds=1, digits_steps=150, digits_inducing=30)
 
 
@@ -79,6 +79,9 @@ def add_digits_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Monte-Carlo (s, f) samples per training step (default 8)")
     g.add_argument("--digits-predict-samples", type=int, default=None,
                    help="Monte-Carlo samples for the predictive probabilities (default 256)")
+    g.add_argument("--digits-train-size", type=int, default=None,
+                   help="training images per split (default 2/3 of the 1797; the test set is "
+                        "always the last 1/3 of the permutation)")
     return parser
 
 
@@ -135,8 +138,15 @@ def run_one_seed(seed: int, cfg: dict, dtype=torch.float64, device="cpu", progre
     perm = torch.randperm(X.shape[0], generator=g).to(device)
     n_train = (2 * X.shape[0]) // 3
     tr, te = perm[:n_train], perm[n_train:]
+    if cfg.get("digits_train_size"):
+        if not 10 <= cfg["digits_train_size"] <= n_train:
+            raise ValueError(f"--digits-train-size must be in [10, {n_train}], got "
+                             f"{cfg['digits_train_size']}")
+        n_train = cfg["digits_train_size"]
+        tr = tr[:n_train]
     Xtr, ytr, Xte, yte = X[tr], y[tr], X[te], y[te]
-    Z = Xtr[torch.randperm(n_train, generator=g)[:cfg["digits_inducing"]].to(device)]
+    Z = Xtr[torch.randperm(n_train, generator=g)[:min(cfg["digits_inducing"], n_train)]
+            .to(device)]
     tests = {name: corrupt(Xte, kind, level, seed=1000 + seed)
              for name, kind, level in conditions()}
     models = {
