@@ -1,12 +1,16 @@
 """Dense vs KeOps NNGP kernel: time and peak memory of one matvec and of a full solve.
 
 For each N: "dense" materialises K = kfn(X) (+ noise I) and does K @ v, and solves by
-Cholesky; "keops" does the lazy K @ v and solves by linear_operator CG (tol 1e-6).
-Each measurement runs in a forked child process; peak memory is the child's peak RSS
-growth (CPU) or torch.cuda.max_memory_allocated (GPU). Optionally (--gp-n) an exact NNGP
-GP regression on synthetic data too big for dense, with its test RMSE.
+Cholesky; "keops" does the lazy K @ v and solves (K + noise I) a = y by linear_operator's
+CG with a pivoted-Cholesky preconditioner (--cg-tol, --precond-rank). Each measurement
+runs in a forked child process; peak memory is the child's peak RSS growth (CPU) or
+torch.cuda.max_memory_allocated (GPU). The network is serial(Dense, Relu, Dense, Relu,
+Dense) on d = 8 inputs, float64 by default. Optionally (--gp-n) an exact NNGP GP
+regression on synthetic data (y = sin(x_1 + x_2) + N(0, 0.1^2)) too big for dense, with
+its test RMSE (the noise floor is 0.1).
 
-    python benchmarks/keops.py --sizes 1000,3000,10000,20000 --json out.json
+    python benchmarks/keops.py --sizes 1000,3000,10000 --json out.json
+    python benchmarks/keops.py --sizes 1000,10000,100000,1000000 --gp-n 200000 --device cuda
     python benchmarks/keops.py --quick
 """
 
@@ -27,7 +31,12 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import make_parser, print_table, resolve, row, write_json  # noqa: E402
 
-from pyro_dkm.kernels.keops import NNGPOperator, keops_matmul  # noqa: E402
+from pyro_dkm.kernels.keops import (  # noqa: E402
+    NNGPOperator,
+    cg_solve,
+    exact_predict,
+    keops_matmul,
+)
 from pyro_dkm.kernels.nngp import Dense, Relu, serial  # noqa: E402
 
 D = 8
@@ -45,10 +54,12 @@ def _data(n, seed, dtype, device):
     return x.to(device), y.to(device)
 
 
-def _measure(task, n, seed, dtype, device, q):
-    import linear_operator
+def _measure(task, n, args, q):
+    from linear_operator.operators import DiagLinearOperator
 
-    x, y = _data(n, seed, dtype, device)
+    x, y = _data(n, args.seed, args.torch_dtype, args.torch_device)
+    device = args.torch_device
+    calls = [0]
     kfn = _kfn()
     v = y[:, None]
     if task.startswith("keops"):  # compile/warm up outside the timing
@@ -67,24 +78,30 @@ def _measure(task, n, seed, dtype, device, q):
         Kd.diagonal().add_(NOISE)
         out = torch.cholesky_solve(v, torch.linalg.cholesky(Kd))
     else:
-        op = NNGPOperator(kfn, x, noise=NOISE, use_keops=True)
-        with linear_operator.settings.max_cg_iterations(1000), \
-                linear_operator.settings.cg_tolerance(1e-6), \
-                linear_operator.settings.max_cholesky_size(0):
-            out = op.solve(v)
+        matmul = NNGPOperator._matmul
+
+        def counted(self, rhs):  # count K products (this is a forked child process)
+            calls[0] += 1
+            return matmul(self, rhs)
+
+        NNGPOperator._matmul = counted
+        op = NNGPOperator(kfn, x, use_keops=True) + DiagLinearOperator(
+            torch.full((n,), NOISE, dtype=x.dtype, device=device))
+        out = cg_solve(op, v, tol=args.cg_tol, max_iter=args.cg_iters,
+                       precond_rank=args.precond_rank)
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t
     mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
-    q.put((dt, mem / 2**20, float(out.norm())))
+    assert bool(torch.isfinite(out).all())
+    q.put((dt, mem / 2**20, calls[0] if task == "keops_solve" else None))
 
 
 def measure(task, n, args):
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    p = ctx.Process(target=_measure, args=(task, n, args.seed, args.torch_dtype,
-                                           args.torch_device, q))
+    p = ctx.Process(target=_measure, args=(task, n, args, q))
     p.start()
     p.join()
     if p.exitcode != 0:
@@ -93,31 +110,28 @@ def measure(task, n, args):
 
 
 def gp_regression(n, args):
-    """Exact NNGP GP regression (CG) on n synthetic training points; test RMSE."""
-    import linear_operator
-
+    """Exact NNGP GP regression (preconditioned CG) on n synthetic training points."""
     x, y = _data(n + 2000, args.seed, args.torch_dtype, args.torch_device)
-    xt, yt, xs, ys = x[:n], y[:n], x[n:], y[n:]
-    kfn = _kfn()
     t = time.perf_counter()
-    op = NNGPOperator(kfn, xt, noise=NOISE, use_keops=True)
-    with linear_operator.settings.max_cg_iterations(args.gp_cg_iters), \
-            linear_operator.settings.cg_tolerance(1e-3), \
-            linear_operator.settings.max_cholesky_size(0):
-        alpha = op.solve(yt[:, None])
-    mean = keops_matmul(kfn, xs, xt, alpha, use_keops=True)[:, 0]
-    rmse = float((mean - ys).pow(2).mean().sqrt())
+    mean, _, _ = exact_predict(_kfn(), x[:n], y[:n], x[n:], noise=NOISE, tol=args.gp_cg_tol,
+                               max_iter=args.gp_cg_iters, precond_rank=args.precond_rank)
+    rmse = float((mean - y[n:]).pow(2).mean().sqrt())
     return rmse, time.perf_counter() - t
 
 
 def main(argv=None):
     p = make_parser(__doc__.splitlines()[0], splits=None)
-    p.add_argument("--sizes", default="1000,3000,10000,20000")
-    p.add_argument("--max-dense-n", type=int, default=12000,
-                   help="largest N for the dense path (memory)")
-    p.add_argument("--max-solve-n", type=int, default=20000)
+    p.add_argument("--sizes", default="1000,3000,10000")
+    p.add_argument("--max-dense-n", type=int, default=10000,
+                   help="largest N for the dense path (memory: ~8 N^2 bytes per live matrix)")
+    p.add_argument("--max-solve-n", type=int, default=10000)
+    p.add_argument("--cg-tol", type=float, default=1e-6)
+    p.add_argument("--cg-iters", type=int, default=1000)
+    p.add_argument("--precond-rank", type=int, default=100,
+                   help="rank of the pivoted-Cholesky CG preconditioner (0: none)")
     p.add_argument("--gp-n", type=int, default=0, help="N of the large GP regression (0: skip)")
-    p.add_argument("--gp-cg-iters", type=int, default=200)
+    p.add_argument("--gp-cg-tol", type=float, default=1e-2)
+    p.add_argument("--gp-cg-iters", type=int, default=100)
     args = resolve(p.parse_args(argv))
     sizes = [1000, 2000] if args.quick else [int(float(s)) for s in args.sizes.split(",")]
     rows, ratios = [], []
@@ -137,6 +151,8 @@ def main(argv=None):
             method, what = task.split("_")
             rows.append(row(f"N={n}", method, f"{what} time", [r[0]], unit="s"))
             rows.append(row(f"N={n}", method, f"{what} peak mem", [r[1]], unit="MiB"))
+            if r[2] is not None:
+                rows.append(row(f"N={n}", method, "CG matvecs", [r[2]]))
         for what in ("matvec", "solve"):
             if f"dense_{what}" in res and f"keops_{what}" in res:
                 ratio = res[f"dense_{what}"][0] / res[f"keops_{what}"][0]

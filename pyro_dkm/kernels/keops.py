@@ -2,25 +2,33 @@ r"""NNGP / NTK kernels as KeOps lazy reductions (O(N) memory kernel matrix produ
 
 Every layer of a :func:`~pyro_dkm.kernels.nngp.serial` network acts elementwise on
 (cross covariance, variance at x, variance at x'), so the whole depth-L kernel
-:math:`K_{ij}` is a single symbolic KeOps formula in :math:`x_i \cdot x'_j`
-plus per-point variances.  The per-point variances of every layer are cheap
-(O(N)) and are computed in torch; only the cross terms go to KeOps::
+:math:`K_{ij}` is one KeOps formula in :math:`x_i \cdot x'_j` plus per-point variances.
+The per-point variances of every layer are cheap (O(N)) and are computed in torch; only
+the cross terms go to KeOps::
 
     kfn = serial(Dense(2.0, 0.1), Relu(), Dense(2.0, 0.1), Relu(), Dense(1.0, 0.0))
-    Kv = keops_matmul(kfn, X, X, v)                  # K(X, X) @ v, never building K
+    Kv = keops_matmul(kfn, X, None, v)               # K(X, X) @ v, never building K
     op = NNGPOperator(kfn, X, noise=0.1)             # linear_operator LinearOperator
-    alpha = op.solve(y)                              # CG (linear_operator settings)
+    alpha = cg_solve(op, y)                          # CG (linear_operator)
+    mean, var, quad = exact_predict(kfn, X, y, X_test, noise=0.1)
 
-Numerical notes (see ``docs/keops.md``): non-integer powers are written as
-products/sqrt (``x ** float`` lowers to float32 ``powf`` in KeOps); hyper-parameters
-enter as a 1-D parameter vector (no rebuild when they change, gradients flow);
-the ReLU form is the atan2 form of :func:`~pyro_dkm.kernels.nngp.relu_expectations`
-with the same floor :math:`s^2 \ge \epsilon k_{11}k_{22}`; exact on-diagonal
-closed forms are not written by the lazy path, which costs at most
-:math:`\sqrt\epsilon/2\pi` relative error on coincident points (2e-9 in float64).
+Formulas: we write the KeOps formula text ourselves, binding every shared intermediate
+once (a KeOps ``Factorize``), so the generated C++ is linear in depth (KeOps' own formula
+trees recompute shared sub-formulas: exponential in depth). Gradients w.r.t. the inputs,
+the right-hand side and the Dense weight/bias variances are hand-derived reverse-mode
+formulas of the same compact form, run by a custom ``torch.autograd.Function``: one KeOps
+build for the product and one for its gradient, each under a minute. If a gradient build
+fails, the exact gradient is computed in torch in row chunks (O(N * chunk) memory).
 
-Without pykeops, for batched inputs/hyper-parameters, or when KeOps fails to
-compile, everything falls back to the dense torch path with a warning.
+Numerical notes (see ``docs/keops.md``): no non-integer powers (``x ** float`` lowers to
+float32 ``powf`` in KeOps); hyper-parameters and constants enter as 1-D parameter vectors
+(no rebuild when they change); the ReLU form is the atan2 form of
+:func:`~pyro_dkm.kernels.nngp.relu_expectations` with the same floor
+:math:`s^2 \ge \epsilon k_{11}k_{22}`; for ``K(X, X)`` the lazy sum skips ``j = i`` and the
+exact closed-form diagonal is added in torch, as in the dense path.
+
+Without pykeops, for batched inputs/hyper-parameters, or when KeOps fails to compile,
+everything falls back to the dense torch path with a :class:`KeOpsFallbackWarning`.
 """
 
 from __future__ import annotations
@@ -40,6 +48,9 @@ from .nngp import Dense, Erf, NNGPKernelFn, Relu, clamp_eps
 
 __all__ = [
     "keops_available",
+    "cg_solve",
+    "inv_quad",
+    "exact_predict",
     "set_keops_cache_dir",
     "keops_matmul",
     "NNGPOperator",
@@ -707,3 +718,78 @@ class NNGPOperator(LinearOperator):
 
     def _expand_batch(self, batch_shape: Sequence[int]):  # pragma: no cover
         raise NotImplementedError("NNGPOperator has no batch dimensions")
+
+
+# --------------------------------------------------------------------------
+# Solves: exact GP and Student-t process regression without materialising K
+# --------------------------------------------------------------------------
+def cg_solve(op: LinearOperator, rhs: Tensor, *, tol: float = 1e-6, max_iter: int = 1000,
+             precond_rank: int = 0) -> Tensor:
+    """``op^{-1} rhs`` by linear_operator's conjugate gradients (never Cholesky, whatever
+    the size), ``rhs`` of shape ``(n,)`` or ``(n, m)``.
+
+    ``precond_rank > 0`` needs ``op = NNGPOperator(kfn, x) + DiagLinearOperator(noise)``
+    (an ``AddedDiagLinearOperator``): linear_operator then preconditions CG with a
+    rank-``precond_rank`` pivoted Cholesky factor of K (rows of K computed in torch).
+    """
+    import linear_operator  # noqa: PLC0415
+
+    vec = rhs.dim() == 1
+    with linear_operator.settings.max_cg_iterations(max_iter), \
+            linear_operator.settings.cg_tolerance(tol), \
+            linear_operator.settings.max_cholesky_size(0), \
+            linear_operator.settings.max_preconditioner_size(precond_rank), \
+            linear_operator.settings.min_preconditioning_size(0 if precond_rank else 10 ** 12):
+        out = op.solve(rhs[:, None] if vec else rhs)
+    return out[:, 0] if vec else out
+
+
+def inv_quad(op: LinearOperator, y: Tensor, **cg) -> Tensor:
+    """``y^T op^{-1} y`` per column of ``y`` (``(n,)`` or ``(n, m)``) from one CG solve
+    (``cg``: the keyword arguments of :func:`cg_solve`). This is the only data term the
+    Student-t process posterior needs: ``b' = b + y^T K_y^{-1} y / 2``."""
+    return (y * cg_solve(op, y, **cg)).sum(0)
+
+
+def exact_predict(kfn: NNGPKernelFn, x: Tensor, y: Tensor, x_test: Tensor, *, noise: float,
+                  get: str = "nngp", variance: bool = False, block: int = 16, **cg):
+    r"""Exact GP regression with the lazy kernel: only matrix products with K, O(N) memory.
+
+    Returns ``(mean, var, quad)``: the posterior mean :math:`K_*^T K_y^{-1} y`
+    ``(n_test,)``; with ``variance=True`` the latent variance
+    :math:`k_{**} - k_*^T K_y^{-1} k_*` ``(n_test,)`` (one block CG solve per ``block`` test
+    points; else ``None``); and :math:`y^T K_y^{-1} y` (scalar), with
+    :math:`K_y = K(x, x) + \text{noise}\, I`. ``cg``: keyword arguments of
+    :func:`cg_solve`.
+
+    The Student-t process with an InvGamma(a, b) scale prior has the same mean, and
+    predictive ``StudentT(df=2a + n, mean, scale^2 = (b + quad/2) / (a + n/2) * var)``
+    (noise included in the kernel, DESIGN.md §3): every data term is a solve.
+    """
+    check_tensor(y, "y", ndim=1)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"y must have one entry per row of x ({x.shape[0]}), got {y.shape[0]}")
+    precond = cg.get("precond_rank", 0) > 0
+    if precond:
+        from linear_operator.operators import DiagLinearOperator  # noqa: PLC0415
+
+        op = NNGPOperator(kfn, x, get=get, use_keops=True) + DiagLinearOperator(
+            torch.full((x.shape[0],), float(noise), dtype=x.dtype, device=x.device))
+    else:
+        op = NNGPOperator(kfn, x, get=get, noise=noise, use_keops=True)
+    alpha = cg_solve(op, y, **cg)
+    quad = (y * alpha).sum()
+    mean = keops_matmul(kfn, x_test, x, alpha, get=get, use_keops=True)
+    var = None
+    if variance:
+        parts = []
+        for i in range(0, x_test.shape[0], block):
+            xb = x_test[i:i + block]
+            # K(x, xb): n x block, by the transpose product K(xb, x) @ I (one KeOps build)
+            kb = keops_matmul(kfn, x, xb, torch.eye(len(xb), block, dtype=x.dtype,
+                                                     device=x.device), get=get, use_keops=True)
+            sol = cg_solve(op, kb, **cg)
+            kss = kfn(xb, diag=True, get=get)
+            parts.append(kss - (kb * sol).sum(0)[:len(xb)])
+        var = torch.cat(parts).clamp_min(0)
+    return mean, var, quad
