@@ -26,13 +26,18 @@ NLL per point (lower is better) and RMSE, mean +- standard error over splits.
 
 from __future__ import annotations
 
-import math
-import sys
-import time
-from pathlib import Path
+import os
 
-import numpy as np
-import torch
+os.environ.setdefault("PYKEOPS_VERBOSE", "0")  # gpytorch imports pykeops when present
+os.environ.setdefault("KEOPS_VERBOSE", "0")
+
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import make_parser, print_table, resolve, row, write_json  # noqa: E402
