@@ -171,6 +171,7 @@ def loglog_slope(xs, ys) -> float:
 def plot(path, Ns, curves, nngp_errs, title=""):
     """Error of the sampled Grams against the DKM optimum vs width (log-log, +- 1 s.e.)."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -187,6 +188,8 @@ def plot(path, Ns, curves, nngp_errs, title=""):
               label="N^-1/2")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xticks(Ns, [str(N) for N in Ns])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("width multiplier N (N_l = N nu_l)")
     ax.set_ylabel("relative Frobenius error vs DKM optimum G*")
     ax.set_title(title, fontsize=8)
