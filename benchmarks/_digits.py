@@ -25,7 +25,9 @@ Interface for ``benchmarks/scale_mixtures.py`` (and any other caller)::
 ``args.seed`` (default 0), ``args.torch_dtype``/``args.dtype`` (default float64) and
 ``args.torch_device``/``args.device`` (default cpu); nothing else (no data folder). Row
 ``dataset`` values are ``digits/clean``, ``digits/noise-<std>``, ``digits/blur-<sigma>``;
-models ``SVGP`` and ``SVTP``; metrics ``accuracy``, ``NLL`` and ``train time`` (unit s).
+models ``SVGP`` and ``SVTP``; metrics ``accuracy``, ``NLL``, ``train time`` (unit s) and,
+for the SVTP, ``q(s) shape a_q`` (the posterior inverse-gamma shape: the latent predictive
+is a Student-t with ``2 a_q`` degrees of freedom).
 :func:`summary_line` gives the closing comparison line.
 """
 
@@ -164,6 +166,8 @@ def run_one_seed(seed: int, cfg: dict, dtype=torch.float64, device="cpu", progre
                              batch_size=cfg["digits_batch"], lr=cfg["digits_lr"], seed=seed,
                              progress=progress)
         seconds[name] = res.seconds
+        if model.has_scale:  # posterior shape of q(s): the latent t has 2 a_q degrees of freedom
+            seconds["q(s) shape"] = float(model.q_concentration.detach())
         for ds, Xc in tests.items():
             probs = model.predict_proba(Xc, num_samples=cfg["digits_predict_samples"],
                                         generator=torch.Generator(device=device).manual_seed(
@@ -193,6 +197,8 @@ def run_digits(args) -> list[dict]:
     for model in ("SVGP", "SVTP"):
         rows.append(row("digits/clean", model, "train time", [s[model] for _, s in per_seed],
                         unit="s"))
+    rows.append(row("digits/clean", "SVTP", "q(s) shape a_q",
+                    [s["q(s) shape"] for _, s in per_seed]))
     return rows
 
 
