@@ -104,6 +104,12 @@ def classification_metrics(probs: Tensor, y: Tensor) -> tuple[float, float]:
     return acc, nll
 
 
+def _positive_support(support) -> bool:
+    kinds = (constraints.greater_than, constraints.greater_than_eq, constraints.interval,
+             constraints.half_open_interval)
+    return isinstance(support, kinds) and float(support.lower_bound) >= 0
+
+
 # --------------------------------------------------------------------------- kernel
 class NNGPCovariance(PyroModule):
     """NNGP kernel of a ReLU/erf network with ``depth`` hidden layers (all layers share the
@@ -215,9 +221,7 @@ class SparseVariationalClassifier(PyroModule):
         if scale_prior is None:
             return
         if isinstance(scale_prior, torch.distributions.Distribution):
-            if scale_prior.support is not constraints.positive and not (
-                    isinstance(scale_prior.support, constraints.greater_than)
-                    and float(scale_prior.support.lower_bound) >= 0):
+            if not _positive_support(scale_prior.support):
                 raise ValueError(f"scale_prior must have positive support, got "
                                  f"{scale_prior.support}")
             if scale_prior.batch_shape or scale_prior.event_shape:
@@ -375,7 +379,8 @@ class SparseVariationalClassifier(PyroModule):
                 f = mean * s ** 0.5 + scale * torch.randn_like(mean)
                 return pyro.sample("obs", dist.Categorical(logits=f))
             S = self.num_likelihood_samples
-            f = mean * s ** 0.5 + scale * torch.randn((S,) + mean.shape, dtype=mean.dtype)
+            f = mean * s ** 0.5 + scale * torch.randn((S,) + mean.shape, dtype=mean.dtype,
+                                                       device=mean.device)
             logp = torch.log_softmax(f, -1).gather(-1, y[None, :, None].expand(S, B, 1))
             pyro.factor("obs", logp.squeeze(-1).mean(0))
         return y

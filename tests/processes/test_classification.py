@@ -236,6 +236,19 @@ def test_other_kernels(kernel):
         assert model.kernel.weight_var_unconstrained.grad is not None
 
 
+@pytest.mark.parametrize("prior", [dist.HalfCauchy(_t(1.0)), dist.Gamma(_t(2.0), _t(2.0)),
+                                   dist.LogNormal(_t(0.0), _t(0.5))])
+def test_non_conjugate_scale_priors(prior):
+    X, y = _blobs(10)
+    model = SparseVariationalClassifier(X[:5].clone(), 3, scale_prior=prior)
+    e = model.elbo(X, y)
+    assert torch.isfinite(e)
+    e.backward()
+    assert model.q_concentration_unconstrained.grad is not None
+    res = fit_classifier(model, X, y, num_steps=20, batch_size=15, progress=False, seed=0)
+    assert all(math.isfinite(v) for v in res.losses)
+
+
 def test_pyro_elbo_training_path():
     X, y = _blobs(20)
     model = SVTPClassifier(X[:6].clone(), 3)
