@@ -19,7 +19,6 @@ special case (``core="cp"``).
 
 from __future__ import annotations
 
-import itertools
 import math
 import string
 from typing import Sequence
@@ -29,6 +28,7 @@ from torch import Tensor
 
 from ..linalg import cholesky, cholesky_solve
 from .kalman import condition_on_neighbours, kalman_filter, rts_smoother
+from .moments import core_statistics, factor_messages
 from .ssm import _check_nu, discretise, matern_ssm
 
 __all__ = ["FunctionalTucker", "check_tensor_data"]
@@ -204,81 +204,25 @@ class FunctionalTucker:
         return flat
 
     # ------------------------------------------------------------------ moments
-    def _gather(self, k: int, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Posterior means and variances of u^k at the data's unique-coordinate ids: (N, R_k)."""
-        return self.u_mean[k][:, idx].T, self.u_var[k][:, idx].T
+    def _core_moments(self) -> tuple[Tensor, Tensor]:
+        """Core mean and second moment E[w w^T] in the form the moment functions take:
+        Tucker: flat (P,), (P, P); CP: the diagonal (R,), (R, R)."""
+        return self.core_mean, self.core_cov + torch.outer(self.core_mean, self.core_mean)
 
-    def _sufficient_core_stats(self, mv: list, y: Tensor, chunk: int = 2048):
-        """sum_n E[b_n b_n^T] and sum_n y_n E[b_n] over the active core entries."""
-        N = y.shape[0]
-        if self.core_type == "cp":
-            S = 1.0
-            h = y[:, None]
-            for m, v in mv:
-                S = S * (m[:, :, None] * m[:, None, :] + torch.diag_embed(v))
-                h = h * m
-            return S.sum(0), h.sum(0)
-        P = math.prod(self.ranks)
-        S = y.new_zeros(P, P)
-        h = y.new_zeros(P)
-        for s in range(0, N, chunk):
-            sl = slice(s, s + chunk)
-            Z = None
-            zb = None
-            for m, v in mv:
-                Ek = m[sl, :, None] * m[sl, None, :] + torch.diag_embed(v[sl])
-                if Z is None:
-                    Z, zb = Ek, m[sl] * y[sl, None]
-                else:
-                    n, a, b = Z.shape
-                    c = Ek.shape[-1]
-                    Z = (Z[:, :, None, :, None] * Ek[:, None, :, None, :]).reshape(n, a * c, b * c)
-                    zb = (zb[:, :, None] * m[sl][:, None, :]).reshape(n, a * c)
-            S = S + Z.sum(0)
-            h = h + zb.sum(0)
-        return S, h
-
-    def _factor_messages(
-        self, k: int, mv: list, idx_k: Tensor, y: Tensor, Etau: float, Mfull, Vfull
-    ):
-        """Conditional Gaussian messages to u^k_r at each unique coordinate: (R_k, U_k) each."""
-        K = self.K
-        letters = _LETTERS[:K]
-        others = [j for j in range(K) if j != k]
-        N = y.shape[0]
-        Rk = self.ranks[k]
-        Ea = None
-        Eaa = y.new_zeros(N, Rk, Rk)
-        for choice in itertools.product((0, 1), repeat=len(others)):
-            ops = [Mfull]
-            subs = [letters]
-            kept = ""
-            for j, c in zip(others, choice):
-                m, v = mv[j]
-                ops.append(m if c == 0 else v.clamp_min(0).sqrt())
-                subs.append("n" + letters[j])
-                if c == 1:
-                    kept += letters[j]
-            C = torch.einsum(",".join(subs) + "->n" + letters[k] + kept, *ops)
-            if not any(choice):
-                Ea = C
-                Eaa = Eaa + C[:, :, None] * C[:, None, :]
-            else:
-                Cf = C.reshape(N, Rk, -1)
-                Eaa = Eaa + Cf @ Cf.transpose(-1, -2)
-        # diagonal core variance: delta_rs sum_p var_{r p} prod_j E[u_j^2]
-        ops = [Vfull] + [mv[j][0] ** 2 + mv[j][1] for j in others]
-        subs = [letters] + ["n" + letters[j] for j in others]
-        Eaa = Eaa + torch.diag_embed(torch.einsum(",".join(subs) + "->n" + letters[k], *ops))
-        m_k = mv[k][0]  # (N, R_k)
-        diag = Eaa.diagonal(dim1=-2, dim2=-1)
-        lam_n = Etau * diag
-        cross = (Eaa @ m_k.unsqueeze(-1)).squeeze(-1) - diag * m_k
-        eta_n = Etau * (y[:, None] * Ea - cross)
-        U = self.u_mean[k].shape[1]
-        lam = y.new_zeros(U, Rk).index_add_(0, idx_k, lam_n).T
-        eta = y.new_zeros(U, Rk).index_add_(0, idx_k, eta_n).T
-        return lam, eta
+    def _update_core_and_noise(self, y: Tensor, yy: Tensor, update_noise: bool = True):
+        """Closed-form core update N(mu, Sigma), Sigma^-1 = I/s^2 + E[tau] S, then tau."""
+        cp = self.core_type == "cp"
+        S, h = core_statistics(self.u_mean, self.u_var, self._idx, y, self.ranks, cp=cp)
+        Etau = self.tau_a / self.tau_b
+        prec = S * Etau + torch.eye(S.shape[0], dtype=self.dtype) / self.core_prior_scale**2
+        Lp = cholesky(prec, name="core posterior precision")
+        self.core_mean = cholesky_solve(Lp, (Etau * h).unsqueeze(-1)).squeeze(-1)
+        self.core_cov = cholesky_solve(Lp, torch.eye(S.shape[0], dtype=self.dtype))
+        if update_noise:
+            second = self.core_cov + torch.outer(self.core_mean, self.core_mean)
+            sse = yy - 2 * (h * self.core_mean).sum() + (second * S).sum()
+            self.tau_a = self.a0 + 0.5 * y.shape[0]
+            self.tau_b = self.b0 + 0.5 * float(sse.clamp_min(0))
 
     # ------------------------------------------------------------------ Kalman over modes
     def _prepare_chains(self):
@@ -386,39 +330,28 @@ class FunctionalTucker:
         bar = tqdm(range(self.max_iter), desc="FunBaT CEP", disable=not self.progress, leave=False)
         self.converged = False
         for it in bar:
-            # factor messages + Kalman/RTS per mode
-            mv = [self._gather(k, self._idx[k]) for k in range(self.K)]
+            # factor messages (grouped per unique coordinate) + Kalman/RTS per mode
             Etau = self.tau_a / self.tau_b
             groups = (
                 [list(range(self.K))]
                 if self.schedule == "parallel"
                 else [[k] for k in range(self.K)]
             )
+            rho = self.damping if it > 0 else 1.0
+            w_mean, w_second = self._core_moments()
             for modes in groups:
-                Mfull, Vfull, _ = self._core_full()
-                for k in modes:
-                    lam, eta = self._factor_messages(k, mv, self._idx[k], y, Etau, Mfull, Vfull)
-                    rho = self.damping if it > 0 else 1.0
+                new = [
+                    factor_messages(
+                        self.u_mean, self.u_var, self._idx, y, k, Etau, w_mean, w_second,
+                        self.ranks, cp=self.core_type == "cp",
+                    )
+                    for k in modes
+                ]
+                for k, (lam, eta) in zip(modes, new):
                     self.msg_lam[k] = (1 - rho) * self.msg_lam[k] + rho * lam
                     self.msg_eta[k] = (1 - rho) * self.msg_eta[k] + rho * eta
                 self._run_chains(modes)
-                if self.schedule == "sequential":
-                    mv = [self._gather(j, self._idx[j]) for j in range(self.K)]
-            mv = [self._gather(k, self._idx[k]) for k in range(self.K)]
-            Etau = self.tau_a / self.tau_b
-            # closed-form core update: N(mu, Sigma), Sigma^-1 = I/s^2 + E[tau] sum E[b b^T]
-            Etau = self.tau_a / self.tau_b
-            S, h = self._sufficient_core_stats(mv, y)
-            prec = S * Etau + torch.eye(S.shape[0], dtype=self.dtype) / self.core_prior_scale**2
-            Lp = cholesky(prec, name="core posterior precision")
-            self.core_mean = cholesky_solve(Lp, (Etau * h).unsqueeze(-1)).squeeze(-1)
-            self.core_cov = cholesky_solve(Lp, torch.eye(S.shape[0], dtype=self.dtype))
-            # closed-form noise update
-            second = self.core_cov + torch.outer(self.core_mean, self.core_mean)
-            sse = yy - 2 * (h * self.core_mean).sum() + (second * S).sum()
-            self.tau_a = self.a0 + 0.5 * N
-            self.tau_b = self.b0 + 0.5 * float(sse.clamp_min(0))
-            Etau = self.tau_a / self.tau_b
+            self._update_core_and_noise(y, yy)
             f = self._mean_at(self._idx)
             rmse = float(((f - y) ** 2).mean().sqrt())
             delta = (
@@ -435,14 +368,8 @@ class FunctionalTucker:
                 self.converged = True
                 break
         bar.close()
-        # final core/noise update consistent with the last factor posteriors
-        mv = [self._gather(k, self._idx[k]) for k in range(self.K)]
-        Etau = self.tau_a / self.tau_b
-        S, h = self._sufficient_core_stats(mv, y)
-        prec = S * Etau + torch.eye(S.shape[0], dtype=self.dtype) / self.core_prior_scale**2
-        Lp = cholesky(prec, name="core posterior precision")
-        self.core_mean = cholesky_solve(Lp, (Etau * h).unsqueeze(-1)).squeeze(-1)
-        self.core_cov = cholesky_solve(Lp, torch.eye(S.shape[0], dtype=self.dtype))
+        # final core update consistent with the last factor posteriors
+        self._update_core_and_noise(y, yy, update_noise=False)
         self.n_iter = len(self.history)
         self.fitted = True
         return self

@@ -19,15 +19,22 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_distribution import TorchDistribution
-from pyro.nn import PyroModule
+from pyro.nn import PyroModule, PyroParam
 from torch import Tensor
 from torch.distributions import constraints
+from torch.distributions.transforms import ReshapeTransform
 
 from ..linalg import cholesky
 from .model import _LETTERS, check_tensor_data
 from .ssm import _check_nu, discretise, matern_ssm
 
-__all__ = ["GaussMarkovChain", "PyroFunctionalTucker", "grids_and_index"]
+__all__ = [
+    "GaussMarkovChain",
+    "PyroFunctionalTucker",
+    "TuckerMeanFieldGuide",
+    "grids_and_index",
+    "guide_from_cep",
+]
 
 
 class GaussMarkovChain(TorchDistribution):
@@ -83,6 +90,28 @@ class GaussMarkovChain(TorchDistribution):
                 x[..., 1:, :]
             ).sum(-1)
         return lp
+
+    def precision_matrix(self) -> Tensor:
+        """Dense joint precision (..., T d, T d) of the stacked states (block tridiagonal).
+
+        With ``e = M x`` the innovations (``M`` block bidiagonal: ``I`` on the diagonal,
+        ``-A_t`` below it), ``Cov(e) = blockdiag(P0, Q_1, ..)`` and the precision is
+        ``M^T Cov(e)^-1 M``. Meant for tests and small grids.
+        """
+        T, d = self.event_shape
+        batch = self.batch_shape
+        M = self.A.new_zeros(batch + (T * d, T * d))
+        eye = torch.eye(d, dtype=self.A.dtype, device=self.A.device)
+        Dinv = self.A.new_zeros(batch + (T * d, T * d))
+        for t in range(T):
+            s = slice(t * d, (t + 1) * d)
+            M[..., s, s] = eye
+            if t > 0:
+                M[..., s, (t - 1) * d : t * d] = -self.A[..., t, :, :]
+            L = self._L0 if t == 0 else self._LQ[..., t - 1, :, :]
+            Dinv[..., s, s] = torch.cholesky_inverse(L)
+        P = M.transpose(-1, -2) @ Dinv @ M
+        return 0.5 * (P + P.transpose(-1, -2))
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:  # noqa: B008
         shape = self._extended_shape(sample_shape)
@@ -221,3 +250,125 @@ class PyroFunctionalTucker(PyroModule):
 
     def forward(self, index, values=None, subsample_size=None):
         return self.model(index, values, subsample_size)
+
+
+class TuckerMeanFieldGuide(PyroModule):
+    """Variational family of the CEP fit, as a Pyro guide for :class:`PyroFunctionalTucker`.
+
+    :math:`q = \\prod_{k,r} q(u^k_r)\\, q(\\mathrm{vec}\\,\\mathcal W)\\, q(\\tau)`: each latent
+    function's state sequence ``(T_k, d_k)`` gets a full-covariance Gaussian, the core a
+    full-covariance Gaussian, the noise precision a Gamma. For Gaussian entries the
+    conditional-EP updates of :class:`~pyro_dkm.tucker.FunctionalTucker` are the
+    coordinate-ascent updates of the ELBO of exactly this family, so SVI with this guide
+    and CEP share their fixed points (:func:`guide_from_cep` puts the guide at a CEP fit).
+
+    :param tucker: the :class:`PyroFunctionalTucker` whose sample sites this guide covers.
+    :param init_scale: initial standard deviation of the factor and core guides.
+    :param init_tau: initial mean of ``q(tau)`` (e.g. ``1 / var(y)``).
+    :param seed: seed of the random initial means (prior draws: a multilinear model must
+        not start at its all-zero saddle point).
+    """
+
+    def __init__(self, tucker: "PyroFunctionalTucker", init_scale: float = 0.05,
+                 init_tau: float = 1.0, seed: int = 0):
+        super().__init__()
+        if init_scale <= 0 or init_tau <= 0:
+            raise ValueError("init_scale and init_tau must be > 0")
+        self.K = tucker.K
+        self.ranks = list(tucker.ranks)
+        self.core_type = tucker.core_type
+        g = torch.Generator().manual_seed(seed)
+        self._shapes = []
+        for k, (P0, A, Q) in enumerate(tucker._chains):
+            T, d = A.shape[-3], A.shape[-1]
+            self._shapes.append((T, d))
+            # random prior draws of the states (x_t = A x_{t-1} + chol(Q) eps)
+            L0 = cholesky(P0, name="P0")
+            LQ = cholesky(Q[1:], name="process noise Q") if T > 1 else None
+            eps = torch.randn(self.ranks[k], T, d, generator=g, dtype=torch.float64)
+            xs = [eps[:, 0] @ L0.T]
+            for t in range(1, T):
+                xs.append(xs[-1] @ A[t].T + eps[:, t] @ LQ[t - 1].T)
+            loc = torch.stack(xs, 1).reshape(self.ranks[k], T * d)
+            tril = init_scale * torch.eye(T * d, dtype=torch.float64).expand(
+                self.ranks[k], T * d, T * d)
+            setattr(self, f"u_{k}_loc", PyroParam(loc))
+            setattr(self, f"u_{k}_scale_tril",
+                    PyroParam(tril.clone(), constraint=constraints.lower_cholesky))
+        P = math.prod(self.ranks) if self.core_type == "tucker" else self.ranks[0]
+        core0 = (torch.randn(P, generator=g, dtype=torch.float64) * tucker.spec.core_prior_scale
+                 if self.core_type == "tucker" else torch.ones(P, dtype=torch.float64))
+        self.core_loc = PyroParam(core0)
+        self.core_scale_tril = PyroParam(init_scale * torch.eye(P, dtype=torch.float64),
+                                         constraint=constraints.lower_cholesky)
+        self.tau_concentration = PyroParam(torch.tensor(10.0, dtype=torch.float64),
+                                           constraint=constraints.positive)
+        self.tau_rate = PyroParam(torch.tensor(10.0 / init_tau, dtype=torch.float64),
+                                  constraint=constraints.positive)
+
+    def factor_dist(self, k: int) -> dist.Distribution:
+        """``q(u^k)``: batch (R_k,), event (T_k, d_k)."""
+        T, d = self._shapes[k]
+        mvn = dist.MultivariateNormal(getattr(self, f"u_{k}_loc"),
+                                      scale_tril=getattr(self, f"u_{k}_scale_tril"))
+        return dist.TransformedDistribution(mvn, [ReshapeTransform((T * d,), (T, d))])
+
+    def factor_means(self) -> list[Tensor]:
+        """Means of the latent functions at the grid points under q, each (R_k, T_k)."""
+        return [
+            getattr(self, f"u_{k}_loc").reshape(self.ranks[k], *self._shapes[k])[..., 0]
+            for k in range(self.K)
+        ]
+
+    @torch.no_grad()
+    def mean_entries(self, tucker: "PyroFunctionalTucker", index: Tensor) -> Tensor:
+        """``E_q[f_n]`` at integer grid indexes (N, K): exact, as q factorises over the
+        factors and the core (the multilinear map of the means)."""
+        return tucker.entries(self.factor_means(), self.core_loc, index)
+
+    def forward(self, index=None, values=None, subsample_size=None):
+        for k in range(self.K):
+            with pyro.plate(f"factors_{k}", self.ranks[k]):
+                pyro.sample(f"u_{k}", self.factor_dist(k))
+        pyro.sample("core", dist.MultivariateNormal(self.core_loc, scale_tril=self.core_scale_tril))
+        pyro.sample("tau", dist.Gamma(self.tau_concentration, self.tau_rate))
+
+
+def guide_from_cep(tucker: "PyroFunctionalTucker", cep) -> TuckerMeanFieldGuide:
+    """A :class:`TuckerMeanFieldGuide` holding the posterior of a fitted ``FunctionalTucker``.
+
+    ``q(u^k_r)`` is the Gauss-Markov posterior of the chain given the CEP messages (exact
+    joint over the states, from the dense precision; meant for grids of moderate size),
+    ``q(core)`` and ``q(tau)`` are copied. ``tucker``'s grids must equal the CEP fit's
+    unique coordinates.
+    """
+    if not getattr(cep, "fitted", False):
+        raise ValueError("cep must be a fitted FunctionalTucker")
+    guide = TuckerMeanFieldGuide(tucker)
+    with torch.no_grad():
+        for k, (P0, A, Q) in enumerate(tucker._chains):
+            T, d = A.shape[-3], A.shape[-1]
+            if not torch.equal(cep.unique_coords[k], tucker.grids[k]):
+                raise ValueError(f"grid of mode {k} differs from the CEP fit's coordinates")
+            prec = GaussMarkovChain(P0, A, Q).precision_matrix()  # (T d, T d)
+            locs, trils = [], []
+            for r in range(tucker.ranks[k]):
+                Pk = prec.clone()
+                h = prec.new_zeros(T * d)
+                Pk.diagonal()[0::d] += cep.msg_lam[k][r]
+                h[0::d] = cep.msg_eta[k][r]
+                Lp = cholesky(Pk, name="factor posterior precision")
+                locs.append(torch.cholesky_solve(h[:, None], Lp)[:, 0])
+                cov = torch.cholesky_solve(torch.eye(T * d, dtype=Pk.dtype), Lp)
+                trils.append(cholesky(0.5 * (cov + cov.T), name="factor posterior covariance"))
+            setattr(guide, f"u_{k}_loc", PyroParam(torch.stack(locs)))
+            setattr(guide, f"u_{k}_scale_tril",
+                    PyroParam(torch.stack(trils), constraint=constraints.lower_cholesky))
+        guide.core_loc = PyroParam(cep.core_mean.clone())
+        guide.core_scale_tril = PyroParam(cholesky(cep.core_cov, name="core covariance"),
+                                          constraint=constraints.lower_cholesky)
+        guide.tau_concentration = PyroParam(torch.tensor(cep.tau_a, dtype=torch.float64),
+                                            constraint=constraints.positive)
+        guide.tau_rate = PyroParam(torch.tensor(cep.tau_b, dtype=torch.float64),
+                                   constraint=constraints.positive)
+    return guide

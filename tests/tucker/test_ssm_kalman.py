@@ -175,7 +175,9 @@ def test_scan_filter_smoother_equal_sequential(T):
 def test_kalman_bad_shapes():
     A = torch.eye(2, dtype=D).repeat(1, 4, 1, 1)
     with pytest.raises(ValueError, match="lam"):
-        kalman_filter(A, A, torch.eye(2, dtype=D)[None], torch.ones(1, 3, dtype=D), torch.ones(1, 3))
+        kalman_filter(
+            A, A, torch.eye(2, dtype=D)[None], torch.ones(1, 3, dtype=D), torch.ones(1, 3)
+        )
     with pytest.raises(ValueError, match="method"):
         kalman_filter(A, A, torch.eye(2, dtype=D)[None], torch.ones(1, 4, dtype=D),
                       torch.ones(1, 4, dtype=D), method="fast")
