@@ -17,9 +17,14 @@ NNGP Gram's error (the nu -> inf answer) for scale.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
+
+# gpytorch imports pykeops, which otherwise prints a CUDA warning to stdout (keep the table clean)
+os.environ.setdefault("PYKEOPS_VERBOSE", "0")
+os.environ.setdefault("KEOPS_VERBOSE", "0")
 
 import pyro
 import pyro.distributions as dist
