@@ -27,7 +27,7 @@ def test_scale_mixtures_benchmark_quick(tmp_path):
     assert "Test NLL wins vs NNGP-GP" in res.stdout.splitlines()[-1]
     rows = json.loads(out.read_text())["rows"]
     models = {r["model"] for r in rows if r["metric"] == "test NLL"}
-    assert models == {"NNGP-GP", "Student-t", "Burr XII"}
+    assert models == {"NNGP-GP", "NNGP-GP (s=1)", "Student-t", "Burr XII"}
     datasets = {r["dataset"] for r in rows if r["metric"] == "test NLL"}
     assert datasets == {"yacht/standard", "yacht/shifted", "yacht/cauchy"}
     assert all(math.isfinite(r["mean"]) for r in rows)
