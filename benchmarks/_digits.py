@@ -25,9 +25,10 @@ Interface for ``benchmarks/scale_mixtures.py`` (and any other caller)::
 ``args.seed`` (default 0), ``args.torch_dtype``/``args.dtype`` (default float64) and
 ``args.torch_device``/``args.device`` (default cpu); nothing else (no data folder). Row
 ``dataset`` values are ``digits/clean``, ``digits/noise-<std>``, ``digits/blur-<sigma>``;
-models ``SVGP`` and ``SVTP``; metrics ``accuracy``, ``NLL``, ``train time`` (unit s) and,
-for the SVTP, ``q(s) shape a_q`` (the posterior inverse-gamma shape: the latent predictive
-is a Student-t with ``2 a_q`` degrees of freedom).
+models ``SVGP`` (learned point scale), ``SVTP`` and, on request, ``SVGP (s=1)``; metrics
+``accuracy``, ``NLL``, ``train time`` (unit s) and, for the SVTP, ``q(s) shape a_q`` (the
+posterior inverse-gamma shape: the latent predictive is a Student-t with ``2 a_q`` degrees
+of freedom).
 :func:`summary_line` gives the closing comparison line.
 """
 
@@ -55,7 +56,11 @@ BLUR_SIGMAS = (0.5, 1.0, 1.5)
 
 DEFAULTS = dict(digits_seeds=5, digits_steps=1500, digits_inducing=100, digits_batch=256,
                 digits_lr=0.02, digits_a=2.0, digits_b=2.0, digits_samples=8,
-                digits_predict_samples=256, digits_train_size=None)
+                digits_predict_samples=256, digits_train_size=None, digits_models="svgp,svtp")
+#: ``--digits-models`` ids -> row names. ``svgp``: the scale s is a learned point estimate
+#: (type-II ML, the fair baseline); ``svgp1``: s fixed at 1; ``svtp``: s ~ InvGamma(a, b)
+#: integrated under a variational inverse-gamma q(s).
+MODELS = {"svgp1": "SVGP (s=1)", "svgp": "SVGP", "svtp": "SVTP"}
 QUICK = dict(digits_seeds=1, digits_steps=150, digits_inducing=30)
 
 
@@ -81,6 +86,9 @@ def add_digits_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Monte-Carlo (s, f) samples per training step (default 8)")
     g.add_argument("--digits-predict-samples", type=int, default=None,
                    help="Monte-Carlo samples for the predictive probabilities (default 256)")
+    g.add_argument("--digits-models", default=None,
+                   help="comma-separated subset of svgp1 (s = 1), svgp (learned point s), "
+                        "svtp (default svgp,svtp)")
     g.add_argument("--digits-train-size", type=int, default=None,
                    help="training images per split (default 2/3 of the 1797; the test set is "
                         "always the last 1/3 of the permutation)")
@@ -151,15 +159,18 @@ def run_one_seed(seed: int, cfg: dict, dtype=torch.float64, device="cpu", progre
             .to(device)]
     tests = {name: corrupt(Xte, kind, level, seed=1000 + seed)
              for name, kind, level in conditions()}
-    models = {
-        "SVGP": lambda: SVGPClassifier(Z, 10, kernel=NNGPCovariance(depth=2),
-                                       num_likelihood_samples=cfg["digits_samples"]),
-        "SVTP": lambda: SVTPClassifier(Z, 10, a=cfg["digits_a"], b=cfg["digits_b"],
-                                       kernel=NNGPCovariance(depth=2),
-                                       num_likelihood_samples=cfg["digits_samples"]),
+    S = cfg["digits_samples"]
+    makers = {
+        "svgp1": lambda: SVGPClassifier(Z, 10, kernel=NNGPCovariance(depth=2), learn_scale=False,
+                                        num_likelihood_samples=S),
+        "svgp": lambda: SVGPClassifier(Z, 10, kernel=NNGPCovariance(depth=2), learn_scale=True,
+                                       num_likelihood_samples=S),
+        "svtp": lambda: SVTPClassifier(Z, 10, a=cfg["digits_a"], b=cfg["digits_b"],
+                                       kernel=NNGPCovariance(depth=2), num_likelihood_samples=S),
     }
     metrics, seconds = {}, {}
-    for name, make in models.items():
+    for mid in model_ids(cfg):
+        name, make = MODELS[mid], makers[mid]
         torch.manual_seed(seed)
         model = make()
         res = fit_classifier(model, Xtr, ytr, num_steps=cfg["digits_steps"],
@@ -176,6 +187,15 @@ def run_one_seed(seed: int, cfg: dict, dtype=torch.float64, device="cpu", progre
     return metrics, seconds
 
 
+def model_ids(cfg: dict) -> list[str]:
+    ids = [m.strip() for m in str(cfg["digits_models"]).split(",") if m.strip()]
+    bad = [m for m in ids if m not in MODELS]
+    if bad or not ids:
+        raise ValueError(f"--digits-models must be a comma-separated subset of "
+                         f"{', '.join(MODELS)}, got {cfg['digits_models']!r}")
+    return ids
+
+
 def run_digits(args) -> list[dict]:
     """Run the benchmark; returns result rows (see the module docstring)."""
     cfg = _settings(args)
@@ -187,34 +207,42 @@ def run_digits(args) -> list[dict]:
     for k in range(cfg["digits_seeds"]):
         per_seed.append(run_one_seed(base + k, cfg, dtype, device,
                                      progress=getattr(args, "progress", True)))
+    names = [MODELS[m] for m in model_ids(cfg)]
     rows = []
     for ds, _, _ in conditions():
-        for model in ("SVGP", "SVTP"):
+        for model in names:
             acc = [m[(ds, model)][0] for m, _ in per_seed]
             nll = [m[(ds, model)][1] for m, _ in per_seed]
             rows.append(row(ds, model, "accuracy", acc))
             rows.append(row(ds, model, "NLL", nll))
-    for model in ("SVGP", "SVTP"):
+    for model in names:
         rows.append(row("digits/clean", model, "train time", [s[model] for _, s in per_seed],
                         unit="s"))
-    rows.append(row("digits/clean", "SVTP", "q(s) shape a_q",
-                    [s["q(s) shape"] for _, s in per_seed]))
+    if "SVTP" in names:
+        rows.append(row("digits/clean", "SVTP", "q(s) shape a_q",
+                        [s["q(s) shape"] for _, s in per_seed]))
     return rows
 
 
 def summary_line(rows: list[dict]) -> str:
     """``SVTP vs SVGP on digits: lower NLL on k/7 conditions, higher accuracy on j/7; mean
-    NLL over corrupted conditions a vs b``."""
+    NLL over corrupted conditions a vs b`` (against ``SVGP (s=1)`` if there is no ``SVGP``)."""
     get = {(r["dataset"], r["model"], r["metric"]): r["mean"] for r in rows}
+    models = {r["model"] for r in rows}
+    base = "SVGP" if "SVGP" in models else "SVGP (s=1)"
+    if "SVTP" not in models or base not in models:
+        return "digits: no SVTP/SVGP pair to compare"
+    get = {(d, "SVGP" if m == base else m, k): v for (d, m, k), v in get.items()
+           if m in (base, "SVTP")}
     names = [c[0] for c in conditions() if (c[0], "SVGP", "NLL") in get]
     nll_wins = sum(get[(d, "SVTP", "NLL")] < get[(d, "SVGP", "NLL")] for d in names)
     acc_wins = sum(get[(d, "SVTP", "accuracy")] > get[(d, "SVGP", "accuracy")] for d in names)
     corrupted = [d for d in names if d != "digits/clean"]
     mean = {m: sum(get[(d, m, "NLL")] for d in corrupted) / max(len(corrupted), 1)
             for m in ("SVGP", "SVTP")}
-    return (f"SVTP vs SVGP on digits: lower NLL on {nll_wins}/{len(names)} conditions, higher "
+    return (f"SVTP vs {base} on digits: lower NLL on {nll_wins}/{len(names)} conditions, higher "
             f"accuracy on {acc_wins}/{len(names)}; mean NLL over the corrupted conditions "
-            f"{mean['SVTP']:.3f} (SVTP) vs {mean['SVGP']:.3f} (SVGP), ratio "
+            f"{mean['SVTP']:.3f} (SVTP) vs {mean['SVGP']:.3f} ({base}), ratio "
             f"{mean['SVTP'] / mean['SVGP']:.3f}")
 
 

@@ -20,9 +20,11 @@ classes), :math:`s \sim \mathrm{InvGamma}(a, b)`, :math:`y_n \sim
 
 Whitening makes :math:`s` enter only through the likelihood term, so the two KLs are
 closed forms. The likelihood term is Monte Carlo: joint samples of :math:`s`
-(reparameterised) and :math:`f`. ``scale_prior=None`` fixes :math:`s = 1`: the same code
-is then the ordinary SVGP classifier (:class:`SVGPClassifier`), which makes the
-comparison fair (same kernel, inducing points, optimiser, samples).
+(reparameterised) and :math:`f`. Without a scale prior :math:`s` is a learned point
+estimate (``learn_scale=True``) or 1: the same code is then the ordinary SVGP classifier
+(:class:`SVGPClassifier`), which makes the comparison fair (same kernel family
+:math:`s K`, inducing points, optimiser, samples; only the treatment of :math:`s`
+differs).
 
 ``q(s)`` is inverse-gamma by default: the prior's own family (so ``q = p`` is reachable
 and the KL is exact), the conditionally conjugate posterior of a Gaussian scale (for a
@@ -176,6 +178,10 @@ class SparseVariationalClassifier(PyroModule):
             ``b/a``), or any distribution with positive support (its KL to ``q(s)`` is then
             a Monte-Carlo estimate).
         scale_posterior: ``"inverse_gamma"`` or ``"lognormal"``.
+        learn_scale: without a scale prior, learn :math:`s` as a point estimate (the
+            ``output_scale`` ``PyroParam``, initialised at 1: a ``ScaleKernel``, the
+            last-layer variance fitted by type-II maximum likelihood); otherwise
+            :math:`s = 1`.
         learn_inducing: train :math:`Z`.
         shared_covariance: one :math:`S` for all classes (default) or one per class.
         num_likelihood_samples: Monte-Carlo samples of ``(s, f)`` per ELBO evaluation.
@@ -188,7 +194,7 @@ class SparseVariationalClassifier(PyroModule):
 
     def __init__(self, inducing_points: Tensor, num_classes: int, *, kernel=None,
                  scale_prior=None, scale_posterior: str = "inverse_gamma",
-                 learn_inducing: bool = True, shared_covariance: bool = True,
+                 learn_scale: bool = False, learn_inducing: bool = True, shared_covariance: bool = True,
                  num_likelihood_samples: int = 8):
         super().__init__()
         Z = check_tensor(inducing_points, "inducing_points", ndim=2)
@@ -218,8 +224,14 @@ class SparseVariationalClassifier(PyroModule):
                                       constraints.lower_cholesky)
         self._prior_ab = None
         self._prior = None
+        self.learn_scale = bool(learn_scale)
         if scale_prior is None:
+            if self.learn_scale:
+                self.output_scale = PyroParam(torch.tensor(1.0, **kw), constraints.positive)
             return
+        if self.learn_scale:
+            raise ValueError("learn_scale=True needs scale_prior=None (with a prior the scale "
+                             "is a latent variable)")
         if isinstance(scale_prior, torch.distributions.Distribution):
             if not _positive_support(scale_prior.support):
                 raise ValueError(f"scale_prior must have positive support, got "
@@ -324,6 +336,8 @@ class SparseVariationalClassifier(PyroModule):
 
     def _sample_scale(self, n: int, dtype, device) -> Tensor:
         if not self.has_scale:
+            if self.learn_scale:
+                return self.output_scale.expand(n)
             return torch.ones(n, dtype=dtype, device=device)
         return self.scale_posterior_dist().rsample((n,))
 
@@ -368,7 +382,10 @@ class SparseVariationalClassifier(PyroModule):
             y = self.check_y(y, B)
         plate = pyro.plate("data", B if num_data is None else int(num_data),
                            subsample=torch.arange(B, device=X.device))
-        s = pyro.sample("scale", self.scale_prior()) if self.has_scale else 1.0
+        if self.has_scale:
+            s = pyro.sample("scale", self.scale_prior())
+        else:
+            s = self.output_scale if self.learn_scale else 1.0
         C, M = self.num_classes, self.num_inducing
         v = pyro.sample("v", dist.Normal(X.new_zeros(C, M), 1.0).to_event(2))
         A, resid = self._whitened_projection(X)
@@ -420,12 +437,15 @@ class SparseVariationalClassifier(PyroModule):
 
 
 class SVGPClassifier(SparseVariationalClassifier):
-    """:class:`SparseVariationalClassifier` with the scale fixed at ``s = 1``."""
+    """:class:`SparseVariationalClassifier` without a scale prior: the scale :math:`s` is a
+    learned point estimate (``learn_scale=True``, default; the fair baseline for
+    :class:`SVTPClassifier`, which integrates :math:`s` instead) or fixed at 1."""
 
-    def __init__(self, inducing_points: Tensor, num_classes: int, **kwargs):
+    def __init__(self, inducing_points: Tensor, num_classes: int, *, learn_scale: bool = True,
+                 **kwargs):
         if "scale_prior" in kwargs:
             raise TypeError("SVGPClassifier has no scale_prior; use SVTPClassifier")
-        super().__init__(inducing_points, num_classes, **kwargs)
+        super().__init__(inducing_points, num_classes, learn_scale=learn_scale, **kwargs)
 
 
 class SVTPClassifier(SparseVariationalClassifier):

@@ -172,7 +172,7 @@ def test_concentrated_prior_at_one_matches_svgp():
     X, y = _blobs(20)
     Z = X[:8].clone()
     a = 1e8  # InvGamma(a, a): s = 1 +- 1e-4
-    gp = SVGPClassifier(Z, 3)
+    gp = SVGPClassifier(Z, 3, learn_scale=False)
     tp = SVTPClassifier(Z, 3, a=a, b=a)
     for m in (gp, tp):
         _randomise_q(m)
@@ -247,6 +247,28 @@ def test_non_conjugate_scale_priors(prior):
     assert model.q_concentration_unconstrained.grad is not None
     res = fit_classifier(model, X, y, num_steps=20, batch_size=15, progress=False, seed=0)
     assert all(math.isfinite(v) for v in res.losses)
+
+
+def test_learned_point_scale():
+    X, y = _blobs(10)
+    k1 = serial(Dense(2.0, 0.1), Relu(), Dense(2.0, 0.1))
+    k4 = serial(Dense(2.0, 0.1), Relu(), Dense(8.0, 0.4))  # last-layer variances x 4 = 4 K
+    model = SVGPClassifier(X[:5].clone(), 3, kernel=k1)  # learn_scale=True: s is a PyroParam
+    ref = SVGPClassifier(X[:5].clone(), 3, kernel=k4, learn_scale=False)
+    _randomise_q(model)
+    _randomise_q(ref)
+    assert float(model.output_scale.detach()) == 1.0
+    e1 = model.elbo(X, y, generator=torch.Generator().manual_seed(0)).detach()
+    with torch.no_grad():
+        model.output_scale = _t(4.0)
+    # whitened: s K with s = 4 gives the same q(f) as the kernel 4 K with s = 1
+    e2 = model.elbo(X, y, generator=torch.Generator().manual_seed(0)).detach()
+    e3 = ref.elbo(X, y, generator=torch.Generator().manual_seed(0)).detach()
+    assert abs(float(e2 - e3)) < 1e-9 * abs(float(e3)) and float(e1) != float(e2)
+    fit_classifier(model, X, y, num_steps=10, lr=0.1, progress=False, seed=0)
+    assert float(model.output_scale.detach()) != 4.0
+    with pytest.raises(ValueError, match="learn_scale"):
+        SparseVariationalClassifier(X[:5], 3, scale_prior=(1.0, 1.0), learn_scale=True)
 
 
 def test_pyro_elbo_training_path():
