@@ -194,8 +194,8 @@ class SparseVariationalClassifier(PyroModule):
 
     def __init__(self, inducing_points: Tensor, num_classes: int, *, kernel=None,
                  scale_prior=None, scale_posterior: str = "inverse_gamma",
-                 learn_scale: bool = False, learn_inducing: bool = True, shared_covariance: bool = True,
-                 num_likelihood_samples: int = 8):
+                 learn_scale: bool = False, learn_inducing: bool = True,
+                 shared_covariance: bool = True, num_likelihood_samples: int = 8):
         super().__init__()
         Z = check_tensor(inducing_points, "inducing_points", ndim=2)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -240,8 +240,12 @@ class SparseVariationalClassifier(PyroModule):
                 raise ValueError("scale_prior must be a scalar distribution (empty batch and "
                                  "event shapes)")
             self._prior = scale_prior
-            mean = float(scale_prior.mean) if math.isfinite(float(scale_prior.mean)) else 1.0
-            a0, b0 = 2.0, mean
+            try:
+                mean = float(scale_prior.mean)
+            except NotImplementedError:
+                mean = math.nan
+            # q(s) starts as if the prior were InvGamma(2, prior mean) (or (2, 1))
+            a0, b0 = 2.0, (mean if math.isfinite(mean) and mean > 0 else 1.0)
         else:
             try:
                 a0, b0 = (float(t) for t in scale_prior)
