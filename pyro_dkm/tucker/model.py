@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..linalg import cholesky, cholesky_solve
+from .als import als_fit
 from .kalman import condition_on_neighbours, kalman_filter, rts_smoother
 from .moments import core_statistics, factor_messages
 from .ssm import _check_nu, discretise, matern_ssm
@@ -107,6 +108,8 @@ class FunctionalTucker:
         (``new = (1 - rho) old + rho computed``).
     :param max_iter: maximum number of CEP sweeps; ``tol``: stop when the relative
         change of the fitted training means falls below it.
+    :param init: ``"als"`` (default: factor means and core from ``init_iter`` sweeps of ridge
+        ALS with penalty ``init_reg``, coordinates as categories) or ``"random"`` (prior draws).
     :param schedule: ``"parallel"`` (all modes' messages from the same state,
         one Kalman pass batched over modes) or ``"sequential"`` (mode by mode).
     """
@@ -126,6 +129,9 @@ class FunctionalTucker:
         tol: float = 1e-4,
         schedule: str = "sequential",
         seed: int | None = 0,
+        init: str = "als",
+        init_reg: float = 1.0,
+        init_iter: int = 10,
         dtype: torch.dtype = torch.float64,
         progress: bool = True,
     ):
@@ -161,6 +167,10 @@ class FunctionalTucker:
         a0, b0 = noise_prior
         if a0 <= 0 or b0 <= 0:
             raise ValueError(f"noise_prior (a0, b0) must be positive, got {noise_prior}")
+        if init not in ("als", "random"):
+            raise ValueError(f"init must be 'als' or 'random', got {init!r}")
+        if init_reg < 0 or init_iter < 0:
+            raise ValueError("init_reg and init_iter must be >= 0")
         if schedule not in ("parallel", "sequential"):
             raise ValueError(f"schedule must be 'parallel' or 'sequential', got {schedule!r}")
         self.core_type = core
@@ -171,6 +181,7 @@ class FunctionalTucker:
         self.tol = float(tol)
         self.schedule = schedule
         self.seed = seed
+        self.init, self.init_reg, self.init_iter = init, float(init_reg), int(init_iter)
         self.dtype = dtype
         self.progress = progress
         self.fitted = False
@@ -320,6 +331,15 @@ class FunctionalTucker:
         else:
             self.core_mean = torch.randn(P, generator=gen, dtype=self.dtype) * self.core_prior_scale
         self.core_cov = torch.eye(P, dtype=self.dtype) * 1e-6
+        if self.init == "als" and self.init_iter > 0:
+            # start from a ridge-ALS solution treating coordinates as categories: mean-field
+            # CEP updates one latent function at a time and needs many sweeps from a random start
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+            self.u_mean, self.core_mean = als_fit(
+                self._idx, y, self.ranks, [len(u) for u in self.unique_coords],
+                reg=self.init_reg, n_iter=self.init_iter, core=self.core_type, seed=seed,
+                init_scale=math.sqrt(min(self.variance)),
+            )
         self.tau_a = 1.0
         self.tau_b = float(y.var().clamp_min(1e-12)) if N > 1 else 1.0
         yy = (y * y).sum()

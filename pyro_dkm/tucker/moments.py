@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["grouped_moments", "factor_messages", "core_statistics"]
+__all__ = ["grouped_moments", "factor_statistics", "factor_messages", "core_statistics"]
 
 _CHUNK_ELEMS = 2**19  # elements per temporary: small chunks stay in cache (~4 MB float64)
 
@@ -125,27 +125,36 @@ def _mode_first(T: Tensor, ranks: list[int], perm: list[int], twice: bool) -> Te
     return T.reshape(Rk, Q, Rk, Q)
 
 
+def factor_statistics(
+    u_mean, u_var, idx, y: Tensor, k: int, core_mean: Tensor, core_second: Tensor,
+    ranks: list[int], *, cp: bool = False,
+):
+    """Per unique coordinate u of mode ``k``: ``E[a a^T]`` summed over its entries (U_k, R_k,
+    R_k) and ``sum_n y_n E[a_n]`` (U_k, R_k), with ``a_n = W_(k) (x)_{j != k} u^j(i_nj)``.
+
+    :param core_mean: Tucker: flat (P,) core mean; CP: (R,) diagonal.
+    :param core_second: ``E[w w^T]``: Tucker (P, P); CP (R, R).
+    """
+    X_u, g_u, order = grouped_moments(u_mean, u_var, idx, y, k, cp=cp)
+    if cp:
+        return core_second[None] * X_u, core_mean[None] * g_u
+    perm = [k] + order
+    Eaa = torch.einsum("rpsq,upq->urs", _mode_first(core_second, ranks, perm, True), X_u)
+    return Eaa, g_u @ _mode_first(core_mean, ranks, perm, False).T
+
+
 def factor_messages(
     u_mean, u_var, idx, y: Tensor, k: int, Etau: float, core_mean: Tensor, core_second: Tensor,
     ranks: list[int], *, cp: bool = False,
 ):
     """Conditional-EP (mean-field) Gaussian messages to the factors of mode ``k``.
 
-    :param core_mean: Tucker: flat (P,) core mean; CP: (R,) diagonal.
-    :param core_second: ``E[w w^T]``: Tucker (P, P); CP (R, R).
-    :returns: ``lam``, ``eta`` (R_k, U_k): the message precision
-        :math:`E[\\tau] E[a_r^2]` and precision-mean
-        :math:`E[\\tau](E[a_r] y - \\sum_{s \\ne r} E[a_r a_s] m_s)`, summed over the
-        entries at each unique coordinate.
+    Arguments as :func:`factor_statistics`. Returns ``lam``, ``eta`` (R_k, U_k): the message
+    precision :math:`E[\\tau] E[a_r^2]` and precision-mean
+    :math:`E[\\tau](E[a_r] y - \\sum_{s \\ne r} E[a_r a_s] m_s)`, summed over the entries at
+    each unique coordinate.
     """
-    X_u, g_u, order = grouped_moments(u_mean, u_var, idx, y, k, cp=cp)
-    if cp:
-        Eaa = core_second[None] * X_u  # (U, R, R)
-        Eay = core_mean[None] * g_u
-    else:
-        perm = [k] + order
-        Eaa = torch.einsum("rpsq,upq->urs", _mode_first(core_second, ranks, perm, True), X_u)
-        Eay = g_u @ _mode_first(core_mean, ranks, perm, False).T  # (U, R_k)
+    Eaa, Eay = factor_statistics(u_mean, u_var, idx, y, k, core_mean, core_second, ranks, cp=cp)
     m_k = u_mean[k].T  # (U, R_k)
     diag = Eaa.diagonal(dim1=-2, dim2=-1)
     cross = (Eaa @ m_k.unsqueeze(-1)).squeeze(-1) - diag * m_k
