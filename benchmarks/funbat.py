@@ -1,24 +1,27 @@
-# ruff: noqa: B023, E501
+# ruff: noqa: B023
 """FunBaT (functional Tucker / CP with state-space GP factors) vs discrete baselines.
 
 Usage: python benchmarks/funbat.py [--data-dir DIR] [--datasets a,b] [--folds 5]
-       [--ranks 2,3,5,7] [--max-iter 40] [--quick] [--seed 0] [--json PATH] [--plot PATH]
+       [--ranks 2,3,5,7] [--max-iter 40] [--quick] [--seed 0] [--json PATH]
+       [--scaling 1e3,1e4,1e5,1e6 | --no-scaling] [--plot PATH]
 
-Models per dataset and fold (same train/test split):
-  funbat-tucker-R / funbat-cp-R : pyro_dkm.tucker.FunctionalTucker (CEP), continuous coordinates
-  discrete-tucker-R / discrete-cp-R : per-index embeddings (indexes as categories) + core,
-      least squares with L2 (full-batch Adam in torch)
-  sgp : sparse GP regression (subset-of-regressors / DTC mean, RBF on coordinates, 500 inducing)
-Plus a scaling run: FunBaT time per CEP sweep vs number of synthetic entries.
+Per dataset and fold, every model is trained on the same 90% of the fold's training
+entries; the other 10% (validation) picks each model's hyper-parameters; the fold's
+test entries are used only for the reported RMSE / MAE (original units):
+
+  funbat-{tucker,cp}-R : pyro_dkm.tucker.FunctionalTucker (CEP, ALS start), continuous
+      coordinates; per-mode lengthscales picked on validation (one coordinate-wise pass over
+      {0.03, 0.1, 0.3, 1} at rank 3 Tucker), Matern 3/2.
+  discrete-{tucker,cp}-R : ridge ALS with indexes as categories (pyro_dkm.tucker.als);
+      L2 penalty picked on validation from {0.1, 1, 10} at each rank.
+  sgp : sparse GP regression on the coordinates (DTC/SoR mean, RBF, 500 inducing inputs),
+      lengthscale and noise picked on validation.
+
+Plus a scaling run: seconds per CEP sweep vs number of synthetic entries (1e3..1e6).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,237 +29,214 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_dkm.datasets import list_tensor_datasets, load_tensor_fold
-from pyro_dkm.tucker import FunctionalTucker
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import default_data_dir, make_parser, print_table, row, write_json  # noqa: E402
 
-# kernel lengthscales per mode (coordinates scaled to [0, 10]); Beijing picked on a held-out
-# 1/8 of fold-0 training data (grid {0.3, 1} x {0.01, 0.03, 0.1}); others: untuned default
-LENGTHSCALES = {"beijing_pm25": [1.0, 1.0, 0.01], "us_temp": [1.0, 1.0, 0.3]}
+from pyro_dkm.datasets import list_tensor_datasets, load_tensor_fold  # noqa: E402
+from pyro_dkm.tucker import FunctionalTucker  # noqa: E402
+from pyro_dkm.tucker.als import als_fit, als_predict  # noqa: E402
 
-
-def default_data_dir() -> Path:
-    env = os.environ.get("PYRO_DKM_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+ELL_GRID = (0.03, 0.1, 0.3, 1.0)
+REG_GRID = (0.1, 1.0, 10.0)
 
 
-def discrete_fit_predict(d, ranks, core, seed, steps=400, wd=1e-3):
-    torch.manual_seed(seed)
-    idx = torch.as_tensor(d["train_index"])
-    y = torch.as_tensor(d["train_value"])
-    shape = [int(s) for s in d["shape"]]
-    U = [
-        torch.nn.Parameter(0.5 * torch.randn(n, r, dtype=torch.float64))
-        for n, r in zip(shape, ranks)
-    ]
-    W = torch.nn.Parameter(
-        torch.randn(*ranks, dtype=torch.float64)
-        if core == "tucker"
-        else torch.ones(ranks[0], dtype=torch.float64)
-    )
-    opt = torch.optim.Adam(U + [W], lr=0.05)
-
-    def pred(ix):
-        a, b, c = (U[k][ix[:, k]] for k in range(3))
-        if core == "tucker":
-            return torch.einsum("abc,na,nb,nc->n", W, a, b, c)
-        return (a * b * c * W).sum(1)
-
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = ((pred(idx) - y) ** 2).mean() + wd * sum((u**2).sum() for u in U) / len(y) * 10
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return pred(torch.as_tensor(d["test_index"]))
+def _rmse(a, b) -> float:
+    return float(((torch.as_tensor(a) - torch.as_tensor(b)) ** 2).mean().sqrt())
 
 
-def sgp_fit_predict(d, seed, m=500, ell=1.0, noise=0.1):
+def split_validation(d: dict, frac: float, seed: int) -> tuple[dict, dict]:
+    """Split the fold's training entries into fit (1 - frac) and validation (frac) parts."""
+    n = len(d["train_value"])
+    perm = np.random.default_rng(seed).permutation(n)
+    nv = int(round(frac * n))
+    parts = []
+    for ix in (perm[nv:], perm[:nv]):
+        parts.append({f: d[f"train_{f}"][ix] for f in ("coord", "index", "value")})
+    return parts[0], parts[1]
+
+
+def funbat(fit, coords_eval, R, core, ell, max_iter, seed):
+    m = FunctionalTucker([R] * 3, nu=1.5, lengthscale=list(ell), core=core, max_iter=max_iter,
+                         tol=1e-4, progress=False, seed=seed)
+    m.fit(fit["coord"], fit["value"])
+    return [m.predict(c)[0] for c in coords_eval], m
+
+
+def tune_lengthscales(fit, val, max_iter, seed, log):
+    """One coordinate-wise pass over ELL_GRID per mode (rank-3 Tucker), by validation RMSE."""
+    ell = [0.3, 0.3, 0.3]
+    best = _rmse(funbat(fit, [val["coord"]], 3, "tucker", ell, max_iter, seed)[0][0],
+                 val["value"])
+    for k in range(3):
+        for v in ELL_GRID:
+            if v == ell[k]:
+                continue
+            cand = list(ell)
+            cand[k] = v
+            r = _rmse(funbat(fit, [val["coord"]], 3, "tucker", cand, max_iter, seed)[0][0],
+                      val["value"])
+            if r < best:
+                best, ell = r, cand
+    log(f"  lengthscales {ell} (validation RMSE {best:.4f}, standardised)")
+    return ell
+
+
+def discrete(fit, val, test_index, shape, R, core, n_iter, seed):
+    """Ridge ALS; the penalty is picked on the validation part."""
+    ti = [torch.as_tensor(fit["index"][:, k]) for k in range(3)]
+    vi = [torch.as_tensor(val["index"][:, k]) for k in range(3)]
+    te = [torch.as_tensor(test_index[:, k]) for k in range(3)]
+    y = torch.as_tensor(fit["value"])
+    best = None
+    for reg in REG_GRID:
+        U, w = als_fit(ti, y, [R] * 3, shape, reg=reg, n_iter=n_iter, core=core, seed=seed)
+        r = _rmse(als_predict(U, w, vi, cp=core == "cp"), val["value"])
+        if best is None or r < best[0]:
+            best = (r, U, w)
+    _, U, w = best
+    return als_predict(U, w, te, cp=core == "cp")
+
+
+def sgp(fit, val, test_coord, seed, m=500):
+    """Subset-of-regressors sparse GP mean (RBF); lengthscale/noise picked on validation."""
     g = torch.Generator().manual_seed(seed)
-    X = torch.as_tensor(d["train_coord"])
-    y = torch.as_tensor(d["train_value"])
+    X, y = torch.as_tensor(fit["coord"]), torch.as_tensor(fit["value"])
     Z = X[torch.randperm(len(X), generator=g)[:m]]
+    best = None
+    for ell in (0.3, 1.0, 3.0):
+        for noise in (0.03, 0.3):
+            def k(a, b, ell=ell):
+                return torch.exp(-0.5 * torch.cdist(a / ell, b / ell) ** 2)
+            Kzz = k(Z, Z)
+            Kxz = k(X, Z)
+            A = noise * Kzz + Kxz.T @ Kxz + 1e-8 * len(X) * torch.eye(len(Z), dtype=X.dtype)
+            w = torch.linalg.solve(A, Kxz.T @ y)
+            r = _rmse(k(torch.as_tensor(val["coord"]), Z) @ w, val["value"])
+            if best is None or r < best[0]:
+                best = (r, k, w)
+    _, k, w = best
+    return k(torch.as_tensor(test_coord), Z) @ w
 
-    def k(a, b):
-        return torch.exp(-0.5 * torch.cdist(a / ell, b / ell) ** 2)
 
-    Kzz = k(Z, Z) + 1e-6 * torch.eye(m, dtype=X.dtype)
-    Kxz = k(X, Z)
-    A = noise * Kzz + Kxz.T @ Kxz
-    w = torch.linalg.solve(A + 1e-8 * torch.eye(m, dtype=X.dtype), Kxz.T @ y)
-    return k(torch.as_tensor(d["test_coord"]), Z) @ w
-
-
-def scaling_run(sizes, seed, iters=5):
-    rows = []
+def scaling_run(sizes, seed, iters=5, log=print):
+    """Seconds per CEP sweep (rank-3 Tucker, random start) vs number of entries."""
+    out = []
     g = torch.Generator().manual_seed(seed)
     for n in sizes:
         X = torch.rand(n, 3, generator=g, dtype=torch.float64) * 10
-        X = (X * 100).round() / 100  # <= 1001 unique coordinates per mode: fixed Kalman cost
+        X = (X * 100).round() / 100  # <= 1001 unique coordinates per mode
         y = torch.sin(X).sum(1) + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
-        m = FunctionalTucker([3, 3, 3], lengthscale=1.0, max_iter=iters, tol=0.0, progress=False)
+        m = FunctionalTucker([3, 3, 3], lengthscale=1.0, max_iter=iters, tol=0.0, init="random",
+                             progress=False)
         t = time.perf_counter()
         m.fit(X, y)
-        rows.append((n, (time.perf_counter() - t) / iters))
-        print(f"scaling n={n}: {rows[-1][1]:.3f} s per sweep", file=sys.stderr, flush=True)
-    return rows
+        out.append((n, (time.perf_counter() - t) / iters))
+        log(f"scaling N={n}: {out[-1][1]:.3f} s per sweep")
+    return out
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--data-dir", type=Path, default=default_data_dir())
-    p.add_argument("--datasets", default=None)
-    p.add_argument("--folds", type=int, default=5)
+    p = make_parser(__doc__, splits=None, folds=5)
     p.add_argument("--ranks", default="2,3,5,7")
-    p.add_argument("--max-iter", type=int, default=40)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", choices=["cpu"])
-    p.add_argument("--dtype", default="float64", choices=["float64"])
+    p.add_argument("--max-iter", type=int, default=40, help="CEP sweeps (after the ALS start)")
+    p.add_argument("--als-iter", type=int, default=20, help="ALS sweeps of the baselines")
+    p.add_argument("--val-frac", type=float, default=0.1)
     p.add_argument("--scaling", default="1e3,1e4,1e5,1e6")
     p.add_argument("--no-scaling", action="store_true")
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--no-datasets", action="store_true", help="only the scaling run")
+    p.add_argument("--plot", type=Path, default=None, help="scaling plot (PNG)")
     a = p.parse_args(argv)
-    tdir = a.data_dir / "tensor"
-    names = list_tensor_datasets(tdir) if a.datasets is None else a.datasets.split(",")
-    ranks = [int(r) for r in a.ranks.split(",")]
-    folds, max_iter, scaling = a.folds, a.max_iter, [int(float(s)) for s in a.scaling.split(",")]
-    if a.quick:
-        folds, ranks, max_iter, scaling = 1, [2], 3, [1000, 4000]
-    results = {}
-    from tqdm.auto import tqdm
+    torch.set_num_threads(1)
+    data_dir = a.data_dir or default_data_dir()
+    tdir = data_dir / "tensor"
 
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    names = [] if a.no_datasets else (a.datasets or list_tensor_datasets(tdir))
+    ranks = [int(r) for r in a.ranks.split(",")]
+    folds, max_iter, als_iter = a.folds, a.max_iter, a.als_iter
+    scaling = [int(float(s)) for s in a.scaling.split(",")]
+    if a.quick:
+        folds, ranks, max_iter, als_iter, scaling = 1, [2], 5, 5, [1000, 4000]
+    results: dict = {}
     for name in names:
-        ell = LENGTHSCALES.get(name, [1.0, 1.0, 1.0])
-        for fold in tqdm(range(folds), desc=name, file=sys.stderr):
+        for fold in range(folds):
             d = load_tensor_fold(tdir / f"{name}.npz", fold)
             if a.quick:
-                n = 2000
-                for part in ("train", "test"):
+                for part, n in (("train", 2000), ("test", 500)):
                     for f in ("coord", "index", "value"):
-                        d[f"{part}_{f}"] = d[f"{part}_{f}"][: n if part == "train" else n // 4]
+                        d[f"{part}_{f}"] = d[f"{part}_{f}"][:n]
+            shape = [int(s) for s in d["shape"]]
             yt = torch.as_tensor(d["test_value"])
-            # standardise the values with training statistics (zero-mean factors); report original units
+            # standardise with training statistics; report original units
             y_mu, y_sd = float(d["train_value"].mean()), float(d["train_value"].std())
             d["train_value"] = (d["train_value"] - y_mu) / y_sd
-            fits = []
-            for R in ranks:
-                for core in ("tucker", "cp"):
-                    fits.append(
-                        (
-                            f"funbat-{core}-{R}",
-                            lambda R=R, core=core: (
-                                FunctionalTucker(
-                                    [R] * 3,
-                                    nu=1.5,
-                                    lengthscale=ell,
-                                    core=core,
-                                    max_iter=max_iter,
-                                    tol=1e-4,
-                                    progress=False,
-                                    seed=a.seed + fold,
-                                )
-                                .fit(d["train_coord"], d["train_value"])
-                                .predict(d["test_coord"])[0]
-                            ),
-                        )
-                    )
-                    fits.append(
-                        (
-                            f"discrete-{core}-{R}",
-                            lambda R=R, core=core: discrete_fit_predict(
-                                d, [R] * 3, core, a.seed + fold
-                            ),
-                        )
-                    )
-            fits.append(("sgp", lambda: sgp_fit_predict(d, a.seed + fold)))
-            for model, fn in fits:
-                t = time.perf_counter()
-                mu = fn() * y_sd + y_mu
-                dt = time.perf_counter() - t
+            fit, val = split_validation(d, a.val_frac, a.seed + fold)
+            seed = a.seed + fold
+
+            def record(model, mu, dt):
+                mu = torch.as_tensor(mu) * y_sd + y_mu
                 r = results.setdefault((name, model), {"rmse": [], "mae": [], "fit_time": []})
-                r["rmse"].append(float(((mu - yt) ** 2).mean().sqrt()))
+                r["rmse"].append(_rmse(mu, yt))
                 r["mae"].append(float((mu - yt).abs().mean()))
                 r["fit_time"].append(dt)
-                print(
-                    f"{name} fold {fold} {model}: rmse {r['rmse'][-1]:.4f} time {dt:.1f}s",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                log(f"{name} fold {fold} {model}: RMSE {r['rmse'][-1]:.4f} ({dt:.1f} s)")
+
+            t = time.perf_counter()
+            ell = tune_lengthscales(fit, val, max_iter, seed, log)
+            log(f"  tuning took {time.perf_counter() - t:.0f} s")
+            for R in ranks:
+                for core in ("tucker", "cp"):
+                    t = time.perf_counter()
+                    (mu,), _ = funbat(fit, [d["test_coord"]], R, core, ell, max_iter, seed)
+                    record(f"funbat-{core}-{R}", mu, time.perf_counter() - t)
+                    t = time.perf_counter()
+                    mu = discrete(fit, val, d["test_index"], shape, R, core, als_iter, seed)
+                    record(f"discrete-{core}-{R}", mu, time.perf_counter() - t)
+            t = time.perf_counter()
+            record("sgp", sgp(fit, val, d["test_coord"], seed), time.perf_counter() - t)
     rows = []
-    for (name, model), r in results.items():
-        for metric, vals in r.items():
-            v = np.array(vals)
-            se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
-            row = {
-                "dataset": name,
-                "model": model,
-                "metric": metric,
-                "mean": float(v.mean()),
-                "se": se,
-                "n": len(v),
-            }
-            if metric == "fit_time":
-                row["unit"] = "s"
-            rows.append(row)
-    scal = [] if a.no_scaling else scaling_run(scaling, a.seed)
+    for (name, model), r in sorted(results.items()):
+        rows.append(row(name, model, "rmse", r["rmse"]))
+        rows.append(row(name, model, "mae", r["mae"]))
+        rows.append(row(name, model, "fit_time", r["fit_time"], unit="s"))
+    scal = [] if a.no_scaling else scaling_run(scaling, a.seed, log=log)
     for n, s in scal:
-        rows.append(
-            {
-                "dataset": "synthetic",
-                "model": "funbat-tucker-3",
-                "metric": f"sweep_time_n{n}",
-                "mean": s,
-                "se": float("nan"),
-                "n": 1,
-                "unit": "s",
-            }
-        )
-    print("| dataset | model | metric | mean | se | n |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['dataset']} | {r['model']} | {r['metric']} | {r['mean']:.4f} | {r['se']:.4f} | {r['n']} |"
-        )
+        rows.append(row("synthetic", f"funbat-tucker-3 N={n}", "sweep_time", [s], unit="s"))
+    print_table(rows)
     summary = []
     for name in names:
-        best = lambda pre: min(
-            ((m, results[(nm, m)]) for (nm, m) in results if nm == name and m.startswith(pre)),
-            key=lambda t: np.mean(t[1]["rmse"]),
-            default=None,
-        )  # noqa: E731
+        def best(prefix, name=name):
+            c = [(m, np.mean(r["rmse"])) for (nm, m), r in results.items()
+                 if nm == name and m.startswith(prefix)]
+            return min(c, key=lambda t: t[1]) if c else None
         fb, db = best("funbat"), best("discrete")
         if fb and db:
-            summary.append(
-                f"{name}: best FunBaT {fb[0]} RMSE {np.mean(fb[1]['rmse']):.3f} vs best discrete {db[0]} {np.mean(db[1]['rmse']):.3f}"
-            )
+            summary.append(f"{name}: best FunBaT {fb[0]} RMSE {fb[1]:.4f} vs best discrete "
+                           f"{db[0]} {db[1]:.4f} (ratio {fb[1] / db[1]:.3f})")
     if len(scal) > 1:
         slope = np.polyfit(np.log([n for n, _ in scal]), np.log([s for _, s in scal]), 1)[0]
-        summary.append(f"scaling exponent (log time vs log N) {slope:.2f}")
+        summary.append(f"scaling exponent (log sweep time vs log N) {slope:.2f}")
     print("Summary: " + "; ".join(summary))
     if a.json:
-        meta = {
-            "machine": platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        }
-        a.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        write_json(a.json, rows, script="benchmarks/funbat.py", argv=sys.argv[1:])
     if a.plot and scal:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(4, 3))
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
         ns, ts = zip(*scal)
-        ax.loglog(ns, ts, "o-", label="FunBaT sweep")
-        ax.loglog(ns, [ts[0] * n / ns[0] for n in ns], "k--", label="linear")
+        ax.loglog(ns, ts, "o-", label="FunBaT CEP sweep (R=3 Tucker)")
+        ax.loglog(ns, [ts[-1] * n / ns[-1] for n in ns], "k--", label="linear in N")
         ax.set_xlabel("entries N")
-        ax.set_ylabel("seconds per CEP sweep")
-        ax.legend()
+        ax.set_ylabel("seconds per sweep")
+        ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(a.plot)
+        a.plot.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(a.plot, dpi=120)
 
 
 if __name__ == "__main__":
