@@ -160,13 +160,16 @@ def run_one_seed(seed: int, cfg: dict, dtype=torch.float64, device="cpu", progre
     tests = {name: corrupt(Xte, kind, level, seed=1000 + seed)
              for name, kind, level in conditions()}
     S = cfg["digits_samples"]
+    def kernel():  # depth-2 ReLU NNGP; its amplitude is s (fixed, learned or integrated)
+        return NNGPCovariance(depth=2, learn_variance=False)
+
     makers = {
-        "svgp1": lambda: SVGPClassifier(Z, 10, kernel=NNGPCovariance(depth=2), learn_scale=False,
+        "svgp1": lambda: SVGPClassifier(Z, 10, kernel=kernel(), learn_scale=False,
                                         num_likelihood_samples=S),
-        "svgp": lambda: SVGPClassifier(Z, 10, kernel=NNGPCovariance(depth=2), learn_scale=True,
+        "svgp": lambda: SVGPClassifier(Z, 10, kernel=kernel(), learn_scale=True,
                                        num_likelihood_samples=S),
         "svtp": lambda: SVTPClassifier(Z, 10, a=cfg["digits_a"], b=cfg["digits_b"],
-                                       kernel=NNGPCovariance(depth=2), num_likelihood_samples=S),
+                                       kernel=kernel(), num_likelihood_samples=S),
     }
     metrics, seconds = {}, {}
     for mid in model_ids(cfg):

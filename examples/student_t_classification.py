@@ -48,8 +48,11 @@ def main() -> None:
                                            mode="constant").reshape(-1, 64))
     tests = {"clean": X[te], "noise 0.3": noisy, "blur 1.0": blurred}
 
-    models = {"SVGP": SVGPClassifier(Z, 10, kernel=NNGPCovariance(depth=2)),
-              "SVTP": SVTPClassifier(Z, 10, a=args.a, b=args.b, kernel=NNGPCovariance(depth=2))}
+    # depth-2 ReLU NNGP kernel; its amplitude is the scale s: a learned point estimate in the
+    # SVGP, integrated under q(s) with s ~ InvGamma(a, b) in the SVTP
+    models = {"SVGP": SVGPClassifier(Z, 10, kernel=NNGPCovariance(depth=2, learn_variance=False)),
+              "SVTP": SVTPClassifier(Z, 10, a=args.a, b=args.b,
+                                     kernel=NNGPCovariance(depth=2, learn_variance=False))}
     print(f"{'model':6s} " + " ".join(f"{name:>20s}" for name in tests))
     for name, model in models.items():
         res = fit_classifier(model, X[tr], y[tr], num_steps=args.steps, batch_size=256, lr=0.02,

@@ -50,8 +50,9 @@ from torch import Tensor
 from torch.distributions import constraints
 
 from ..dkm.layers import claim_param_store
-from ..kernels.nngp import Dense, Erf, NNGPKernelFn, Relu, serial
+from ..kernels.nngp import NNGPKernelFn
 from ..linalg import check_tensor, cholesky, solve_tril
+from .regression import NNGPCovariance
 
 __all__ = ["NNGPCovariance", "SparseVariationalClassifier", "SVGPClassifier",
            "SVTPClassifier", "fit_classifier", "ClassifierFitResult", "classification_metrics",
@@ -113,46 +114,10 @@ def _positive_support(support) -> bool:
 
 
 # --------------------------------------------------------------------------- kernel
-class NNGPCovariance(PyroModule):
-    """NNGP kernel of a ReLU/erf network with ``depth`` hidden layers (all layers share the
-    learnable ``weight_var``/``bias_var``, ``PyroParam``s: replace them with ``PyroSample``
-    priors or set ``learnable=False``). ``forward(x1, x2=None, diag=False)``."""
-
-    def __init__(self, depth: int = 2, activation: str = "relu", weight_var: float = 2.0,
-                 bias_var: float = 0.1, learnable: bool = True):
-        super().__init__()
-        if activation not in ("relu", "erf"):
-            raise ValueError(f"activation must be 'relu' or 'erf', got {activation!r}")
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-            raise ValueError(f"depth must be a non-negative int, got {depth!r}")
-        if not weight_var > 0 or not bias_var > 0:
-            raise ValueError(f"weight_var and bias_var must be positive, got {weight_var}, "
-                             f"{bias_var}")
-        self.depth, self.activation = depth, activation
-        wv = torch.tensor(float(weight_var), dtype=torch.float64)
-        bv = torch.tensor(float(bias_var), dtype=torch.float64)
-        if learnable:
-            self.weight_var = PyroParam(wv, constraints.positive)
-            self.bias_var = PyroParam(bv, constraints.positive)
-        else:
-            self.register_buffer("weight_var", wv)
-            self.register_buffer("bias_var", bv)
-
-    def kernel_fn(self) -> NNGPKernelFn:
-        act = Relu if self.activation == "relu" else Erf
-        layers = []
-        for _ in range(self.depth):
-            layers += [Dense(self.weight_var, self.bias_var), act()]
-        return serial(*layers, Dense(self.weight_var, self.bias_var))
-
-    def forward(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False) -> Tensor:
-        return self.kernel_fn()(x1, x2, diag=diag)
-
-
 def _kernel(kernel, x1: Tensor, x2: Tensor | None = None, diag: bool = False) -> Tensor:
     """Dense kernel matrix (or diagonal) from our modules, an ``NNGPKernelFn`` or a GPyTorch
     kernel."""
-    if isinstance(kernel, NNGPKernelFn) or isinstance(kernel, NNGPCovariance):
+    if isinstance(kernel, (NNGPKernelFn, NNGPCovariance)):
         return kernel(x1, x2, diag=diag)
     import gpytorch
 
@@ -170,13 +135,15 @@ class SparseVariationalClassifier(PyroModule):
     Args:
         inducing_points: ``(M, d)`` initial inducing inputs :math:`Z` (its dtype is used).
         num_classes: ``C >= 2``.
-        kernel: an :class:`NNGPCovariance` (default: ``NNGPCovariance()``, depth 2 ReLU), an
+        kernel: a :class:`~pyro_dkm.processes.regression.NNGPCovariance` (default:
+            ``NNGPCovariance(learn_variance=False)``, depth 2 ReLU: the amplitude is
+            :math:`s`), an
             :class:`~pyro_dkm.kernels.nngp.NNGPKernelFn`, a ``gpytorch.kernels.Kernel`` or any
             ``callable(x1, x2=None, diag=False)``. Parameters of module kernels are trained.
-        scale_prior: ``None`` (SVGP: :math:`s \equiv 1`), ``(a, b)`` for
-            :math:`\mathrm{InvGamma}(a, b)` (a Student-t process with ``df = 2a`` and scale
-            ``b/a``), or any distribution with positive support (its KL to ``q(s)`` is then
-            a Monte-Carlo estimate).
+        scale_prior: ``None`` (SVGP: :math:`s` a point estimate or 1, see ``learn_scale``),
+            ``(a, b)`` for :math:`\mathrm{InvGamma}(a, b)` (a Student-t process with
+            ``df = 2a`` and scale ``b/a``), or any distribution with positive support
+            (its KL to ``q(s)`` is then a Monte-Carlo estimate).
         scale_posterior: ``"inverse_gamma"`` or ``"lognormal"``.
         learn_scale: without a scale prior, learn :math:`s` as a point estimate (the
             ``output_scale`` ``PyroParam``, initialised at 1: a ``ScaleKernel``, the
@@ -210,7 +177,7 @@ class SparseVariationalClassifier(PyroModule):
         self.num_inducing, self.num_classes, self.input_dim = M, C, Z.shape[1]
         self.num_likelihood_samples = num_likelihood_samples
         self.scale_posterior = scale_posterior
-        self.kernel = NNGPCovariance() if kernel is None else kernel
+        self.kernel = NNGPCovariance(learn_variance=False) if kernel is None else kernel
         if isinstance(self.kernel, torch.nn.Module):
             self.kernel.to(Z.dtype)
         if learn_inducing:
