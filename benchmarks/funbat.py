@@ -11,7 +11,7 @@ test entries are used only for the reported RMSE / MAE (original units):
 
   funbat-{tucker,cp}-R : pyro_dkm.tucker.FunctionalTucker (CEP, ALS start), continuous
       coordinates; per-mode lengthscales picked on validation (one coordinate-wise pass over
-      {0.03, 0.1, 0.3, 1} at rank 3 Tucker), Matern 3/2.
+      {0.03, 0.1, 0.3, 1} at rank 2 Tucker, --tune-iter sweeps), Matern 3/2.
   discrete-{tucker,cp}-R : ridge ALS with indexes as categories (pyro_dkm.tucker.als);
       L2 penalty picked on validation from {0.1, 1, 10} at each rank.
   sgp : sparse GP regression on the coordinates (DTC/SoR mean, RBF, 500 inducing inputs),
@@ -62,10 +62,10 @@ def funbat(fit, coords_eval, R, core, ell, max_iter, seed):
     return [m.predict(c)[0] for c in coords_eval], m
 
 
-def tune_lengthscales(fit, val, max_iter, seed, log):
-    """One coordinate-wise pass over ELL_GRID per mode (rank-3 Tucker), by validation RMSE."""
+def tune_lengthscales(fit, val, max_iter, seed, log, R=2):
+    """One coordinate-wise pass over ELL_GRID per mode (rank-R Tucker), by validation RMSE."""
     ell = [0.3, 0.3, 0.3]
-    best = _rmse(funbat(fit, [val["coord"]], 3, "tucker", ell, max_iter, seed)[0][0],
+    best = _rmse(funbat(fit, [val["coord"]], R, "tucker", ell, max_iter, seed)[0][0],
                  val["value"])
     for k in range(3):
         for v in ELL_GRID:
@@ -73,7 +73,7 @@ def tune_lengthscales(fit, val, max_iter, seed, log):
                 continue
             cand = list(ell)
             cand[k] = v
-            r = _rmse(funbat(fit, [val["coord"]], 3, "tucker", cand, max_iter, seed)[0][0],
+            r = _rmse(funbat(fit, [val["coord"]], R, "tucker", cand, max_iter, seed)[0][0],
                       val["value"])
             if r < best:
                 best, ell = r, cand
@@ -135,12 +135,22 @@ def scaling_run(sizes, seed, iters=5, log=print):
     return out
 
 
+def table_rows(results: dict) -> list[dict]:
+    rows = []
+    for (name, model), r in sorted(results.items()):
+        rows.append(row(name, model, "rmse", r["rmse"]))
+        rows.append(row(name, model, "mae", r["mae"]))
+        rows.append(row(name, model, "fit_time", r["fit_time"], unit="s"))
+    return rows
+
+
 def main(argv=None):
     p = make_parser(__doc__, splits=None, folds=5)
     p.add_argument("--ranks", default="2,3,5,7")
     p.add_argument("--max-iter", type=int, default=40, help="CEP sweeps (after the ALS start)")
     p.add_argument("--als-iter", type=int, default=20, help="ALS sweeps of the baselines")
     p.add_argument("--val-frac", type=float, default=0.1)
+    p.add_argument("--tune-iter", type=int, default=15, help="CEP sweeps of the tuning fits")
     p.add_argument("--scaling", default="1e3,1e4,1e5,1e6")
     p.add_argument("--no-scaling", action="store_true")
     p.add_argument("--no-datasets", action="store_true", help="only the scaling run")
@@ -159,6 +169,7 @@ def main(argv=None):
     scaling = [int(float(s)) for s in a.scaling.split(",")]
     if a.quick:
         folds, ranks, max_iter, als_iter, scaling = 1, [2], 5, 5, [1000, 4000]
+        a.tune_iter = 3
     results: dict = {}
     for name in names:
         for fold in range(folds):
@@ -184,7 +195,7 @@ def main(argv=None):
                 log(f"{name} fold {fold} {model}: RMSE {r['rmse'][-1]:.4f} ({dt:.1f} s)")
 
             t = time.perf_counter()
-            ell = tune_lengthscales(fit, val, max_iter, seed, log)
+            ell = tune_lengthscales(fit, val, a.tune_iter, seed, log)
             log(f"  tuning took {time.perf_counter() - t:.0f} s")
             for R in ranks:
                 for core in ("tucker", "cp"):
@@ -196,11 +207,10 @@ def main(argv=None):
                     record(f"discrete-{core}-{R}", mu, time.perf_counter() - t)
             t = time.perf_counter()
             record("sgp", sgp(fit, val, d["test_coord"], seed), time.perf_counter() - t)
-    rows = []
-    for (name, model), r in sorted(results.items()):
-        rows.append(row(name, model, "rmse", r["rmse"]))
-        rows.append(row(name, model, "mae", r["mae"]))
-        rows.append(row(name, model, "fit_time", r["fit_time"], unit="s"))
+            if a.json:  # partial results after every fold
+                write_json(a.json, table_rows(results), script="benchmarks/funbat.py",
+                           argv=sys.argv[1:], partial=True)
+    rows = table_rows(results)
     scal = [] if a.no_scaling else scaling_run(scaling, a.seed, log=log)
     for n, s in scal:
         rows.append(row("synthetic", f"funbat-tucker-3 N={n}", "sweep_time", [s], unit="s"))

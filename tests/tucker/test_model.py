@@ -142,7 +142,7 @@ def test_cep_and_pyro_svi_agree():
     assert float(((start - mu_cep) ** 2).mean().sqrt()) > 3 * noise
     assert float(((end - mu_cep) ** 2).mean().sqrt()) < 0.2 * noise
     assert float(((end[ntr:] - mu_cep[ntr:]) ** 2).mean().sqrt()) < 0.25 * noise
-    noise_svi = float((guide.tau_rate / (guide.tau_concentration - 1)).sqrt())
+    noise_svi = float((guide.tau_rate / (guide.tau_concentration - 1)).sqrt().detach())
     assert abs(noise_svi - cep.noise_variance**0.5) < 0.15 * noise, noise_svi
 
 

@@ -92,6 +92,18 @@ def test_factor_messages_match_per_entry_sums(cp, k):
 
 
 @pytest.mark.parametrize("cp", [False, True])
+@pytest.mark.parametrize("k", [0, 1])
+def test_factor_messages_two_modes(cp, k):
+    # K = 2: no modes beyond the pairing mode (counts and sums of y per pair)
+    ranks = [2, 2] if cp else [2, 3]
+    u_mean, u_var, idx, y, w, second = _problem(ranks, [4, 3], 25, seed=11 + k, cp=cp)
+    lam, eta = factor_messages(u_mean, u_var, idx, y, k, 0.7, w, second, ranks, cp=cp)
+    lam_b, eta_b = _brute(u_mean, u_var, idx, y, w, second, ranks, k, 0.7, cp)
+    torch.testing.assert_close(lam, lam_b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(eta, eta_b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cp", [False, True])
 def test_core_statistics_match_per_entry_kronecker(cp):
     # expected: sum_n (x)_k E[u u^T] and sum_n y_n (x)_k m, built entry by entry
     ranks = [2, 2, 2] if cp else [2, 3, 2]
