@@ -210,8 +210,8 @@ def _constants(d: int, like: Tensor) -> Tensor:
 # --------------------------------------------------------------------------
 # KeOps formulas are trees: a sub-formula used twice is computed twice, and KeOps'
 # symbolic gradient of a depth-3 network grows to tens of MB of C++. We therefore write
-# the formula text ourselves: every shared intermediate is bound once with a Python
-# assignment expression and turned into a KeOps temporary with ``Factorize``, so the
+# the formula text ourselves: every shared intermediate is bound once to a KeOps
+# temporary (``Factorize_Impl``, see :class:`_Text`), so the
 # generated code is linear in depth, and the gradients are hand-derived formulas
 # (reverse mode through the layer recursion) of the same compact form.
 #
@@ -223,7 +223,14 @@ _C_INVD, _C_PI, _C_1_2PI, _C_1_4PI, _C_2_PI, _C_LO, _C_HI = range(7)
 
 
 class _Text:
-    """Formula text with let-bindings: ``let(expr)`` returns a name bound to ``expr``."""
+    """Formula text with let-bindings: ``let(expr)`` returns a name bound to ``expr``.
+
+    ``build(body)`` binds each name to a placeholder temporary variable and wraps ``body``
+    in nested ``_PyroDkmLet(f, g, v)`` = KeOps' ``Factorize_Impl`` ("f with v = g"; g is
+    evaluated once). We build these directly: KeOps' public ``Factorize(f, g)`` searches
+    ``f`` for copies of ``g`` with a tree walk that is exponential in the nesting depth
+    (minutes of Python for a depth-3 NTK gradient).
+    """
 
     def __init__(self):
         self.binds: list[tuple[str, str]] = []
@@ -236,11 +243,23 @@ class _Text:
         return name
 
     def build(self, body: str) -> str:
-        # Factorize the latest binding first (it may use earlier ones), the first last.
-        for name, _ in reversed(self.binds):
-            body = f"Factorize({body},{name})"
-        lets = "".join(f"({n}:={e})," for n, e in self.binds)
-        return f"[{lets}{body}][-1]" if self.binds else body
+        # All bound values are scalars: placeholders Var(-k-1, 1, 3) (category 3 = temporary).
+        for name, expr in reversed(self.binds):  # the first binding is evaluated first
+            body = f"_PyroDkmLet({body},{expr},{name})"
+        holders = "".join(f"({n}:=Var({-k - 1},1,3))," for k, (n, _) in enumerate(self.binds))
+        return f"[{holders}{body}][-1]" if self.binds else body
+
+
+def _install_let():
+    """Make ``_PyroDkmLet`` (KeOps' ``Factorize_Impl``) visible to KeOps' formula parser."""
+    import sys  # noqa: PLC0415
+
+    import keopscore.formulas  # noqa: PLC0415
+    import keopscore.formulas.GetReduction  # noqa: F401, PLC0415
+    from keopscore.formulas.factorization.Factorize import Factorize_Impl  # noqa: PLC0415
+
+    vars(sys.modules["keopscore.formulas.GetReduction"])["_PyroDkmLet"] = Factorize_Impl
+    keopscore.formulas._PyroDkmLet = Factorize_Impl  # known to KeOps' formula checker
 
 
 def _el(var: str, k: int) -> str:
@@ -394,6 +413,7 @@ def _reduce(spec, backward: bool, *args: Tensor) -> Tensor:
     if routine is None:
         from pykeops.torch import Genred  # noqa: PLC0415
 
+        _install_let()
         aliases = [f"A=Vi(0,{dim})", f"B=Vj(1,{dim})", f"T=Pm(2,{p})", "C=Pm(3,7)"]
         aliases += ([f"G=Vi(4,{m})", f"V=Vj(5,{m})"] if backward else [f"V=Vj(4,{m})"])
         routine = Genred(_formulas(prog, get, d, backward), aliases, reduction_op="Sum",
