@@ -262,8 +262,8 @@ def is_vs_quadrature(burr_fit, Xtr, Xte, yte, mu, sd, burr, name, args):
             e_mlpd.append(abs(mlpd - ref_mlpd))
             secs.append(s)
         model = f"{method} ({label})"
-        rows += [row(name, model, "|log p(y) error|", e_lm),
-                 row(name, model, "|mean log pred. error|", e_mlpd),
+        rows += [row(name, model, "log p(y) abs. error", e_lm),
+                 row(name, model, "mean log pred. abs. error", e_mlpd),
                  row(name, model, "time", secs, unit="s")]
     return rows
 
@@ -336,7 +336,7 @@ def main(argv=None) -> int:
         parts = []
         for label in ("quadrature (32 nodes)", "quadrature (128 nodes)",
                       "importance (1000 samples)", f"importance ({is_sizes(args)[-1]} samples)"):
-            err = max(g[(n, label, "|mean log pred. error|")] for n in names)
+            err = max(g[(n, label, "mean log pred. abs. error")] for n in names)
             secs = np.mean([g[(n, label, "time")] for n in names])
             parts.append(f"{label}: max error {err:.1e} in {secs:.4f} s")
         closing += ". Scale posterior (Burr XII) -- " + "; ".join(parts)
