@@ -332,9 +332,10 @@ class GaussianScaleLikelihood:
     Args:
         K: ``(..., n, n)`` kernel matrix (no noise).
         y: ``(..., n)`` targets.
-        noise: :math:`\sigma^2 \ge 0` (float or 0-d tensor; must be > 0 when
-            ``noise_scaled=False``... or K must be PD).
+        noise: :math:`\sigma^2 \ge 0` (float or 0-d tensor); with ``noise = 0`` the
+            kernel matrix itself must be positive definite.
         loc: optional ``(..., n)`` prior mean of ``y``.
+        noise_scaled: whether the noise variance is multiplied by ``s``.
     """
 
     def __init__(self, K: Tensor, y: Tensor, noise=0.0, *, loc: Tensor | None = None,

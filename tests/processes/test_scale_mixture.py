@@ -286,3 +286,15 @@ def test_bad_input_to_likelihood_and_quadrature():
         scale_posterior_quadrature(GaussianScaleLikelihood(K, y, 0.1), dist.Normal(t(0.), t(1.)))
     with pytest.raises(ValueError, match="positive support"):
         ScaleMixtureRegression(torch.randn(5, 1, dtype=D), y, dist.Normal(t(0.), t(1.)), rbf)
+    prior = dist.Gamma(t(2.0), t(1.0))
+    with pytest.raises(ValueError, match="loc must have last dimension"):
+        ScaleMixture(prior, K, loc=torch.zeros(3, dtype=D))
+    Kn = K.clone()
+    Kn[2, 3] = Kn[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ScaleMixture(prior, Kn)
+    from pyro_dkm.linalg import NotPositiveDefiniteError
+    with pytest.raises(NotPositiveDefiniteError):
+        ScaleMixture(prior, torch.diag(t([1.0, -1.0, 1.0])))
+    with pytest.raises(ValueError, match="2 dimension"):
+        ScaleMixtureRegression(torch.randn(5, dtype=D), y, prior, rbf)
