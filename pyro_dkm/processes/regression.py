@@ -154,10 +154,10 @@ class _ExactRegression(PyroModule):
             cov = kernel_matrix(self.kernel, X_new).to(L.dtype) - A.mT @ A
             if include_noise:
                 cov = cov + noise * torch.eye(cov.shape[-1], dtype=L.dtype, device=L.device)
-            return mean, cov, None
+            return mean, cov
         var = kernel_matrix(self.kernel, X_new, diag=True).to(L.dtype) - A.pow(2).sum(0)
         var = var.clamp_min(0.0) + (noise if include_noise else 0.0)
-        return mean, var, None
+        return mean, var
 
     def log_marginal(self) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -181,7 +181,7 @@ class GaussianProcessRegression(_ExactRegression):
         """Marginal predictive ``Normal`` at ``X_new`` ``(m, d)`` (batch shape ``(m,)``)."""
         self._check_test(X_new)
         L = cholesky(self._Ky(), name="K + noise I")
-        mean, var, _ = self._cond(X_new, L, False, include_noise)
+        mean, var = self._cond(X_new, L, False, include_noise)
         return Normal(mean, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt())
 
 
@@ -241,7 +241,7 @@ class StudentTProcessRegression(_ExactRegression):
         n = self.y.shape[0]
         a2 = self.concentration.to(q.dtype) + 0.5 * n
         b2 = self.rate.to(q.dtype) + 0.5 * q
-        mean, cov, _ = self._cond(X_new, L, full_cov, include_noise)
+        mean, cov = self._cond(X_new, L, full_cov, include_noise)
         ratio = b2 / a2
         if full_cov:
             return MultivariateStudentT(2 * a2, mean, cholesky(ratio * cov, name="predictive "
