@@ -226,27 +226,45 @@ def main(argv=None):
             summary.append(f"{name}: best FunBaT {fb[0]} RMSE {fb[1]:.4f} vs best discrete "
                            f"{db[0]} {db[1]:.4f} (ratio {fb[1] / db[1]:.3f})")
     if len(scal) > 1:
-        slope = np.polyfit(np.log([n for n, _ in scal]), np.log([s for _, s in scal]), 1)[0]
-        summary.append(f"scaling exponent (log sweep time vs log N) {slope:.2f}")
+        c0, c1 = affine_fit(scal)
+        summary.append(f"sweep time ~ {c0:.3f} s + {c1 * 1e6:.1f} us x N (linear in N)")
     print("Summary: " + "; ".join(summary))
     if a.json:
         write_json(a.json, rows, script="benchmarks/funbat.py", argv=sys.argv[1:])
     if a.plot and scal:
-        import matplotlib
+        plot_scaling(scal, a.plot)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        ns, ts = zip(*scal)
-        ax.loglog(ns, ts, "o-", label="FunBaT CEP sweep (R=3 Tucker)")
-        ax.loglog(ns, [ts[-1] * n / ns[-1] for n in ns], "k--", label="linear in N")
-        ax.set_xlabel("entries N")
-        ax.set_ylabel("seconds per sweep")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        a.plot.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(a.plot, dpi=120)
+def affine_fit(scal) -> tuple[float, float]:
+    """Least-squares fit (relative errors) of sweep time = a + b N."""
+    n = np.array([x for x, _ in scal], dtype=float)
+    t = np.array([y for _, y in scal], dtype=float)
+    A = np.stack([np.ones_like(n), n], 1) / t[:, None]
+    (c0, c1), *_ = np.linalg.lstsq(A, np.ones_like(t), rcond=None)
+    return float(c0), float(c1)
+
+
+def plot_scaling(scal, path: Path) -> None:
+    """Log-log plot of seconds per sweep vs N with the fitted a + b N line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c0, c1 = affine_fit(scal)
+    ns, ts = zip(*scal)
+    grid = np.geomspace(ns[0], ns[-1], 50)
+    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    ax.loglog(ns, ts, "o-", label="FunBaT CEP sweep (R=3 Tucker)")
+    ax.loglog(grid, c0 + c1 * grid, "k--",
+              label=f"{c0:.2f} s + {c1 * 1e6:.0f} us x N")
+    ax.loglog(grid, c1 * grid, ":", color="gray", label="linear part")
+    ax.set_xlabel("entries N")
+    ax.set_ylabel("seconds per sweep")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
