@@ -339,8 +339,8 @@ def guide_from_cep(tucker: "PyroFunctionalTucker", cep) -> TuckerMeanFieldGuide:
 
     ``q(u^k_r)`` is the Gauss-Markov posterior of the chain given the CEP messages (exact
     joint over the states, from the dense precision; meant for grids of moderate size),
-    ``q(core)`` and ``q(tau)`` are copied. ``tucker``'s grids must equal the CEP fit's
-    unique coordinates.
+    ``q(core)`` and ``q(tau)`` are copied. ``tucker``'s grids must contain the CEP fit's
+    unique coordinates; at extra grid points (no data) ``q`` is the conditional of the chain.
     """
     if not getattr(cep, "fitted", False):
         raise ValueError("cep must be a fitted FunctionalTucker")
@@ -348,15 +348,17 @@ def guide_from_cep(tucker: "PyroFunctionalTucker", cep) -> TuckerMeanFieldGuide:
     with torch.no_grad():
         for k, (P0, A, Q) in enumerate(tucker._chains):
             T, d = A.shape[-3], A.shape[-1]
-            if not torch.equal(cep.unique_coords[k], tucker.grids[k]):
-                raise ValueError(f"grid of mode {k} differs from the CEP fit's coordinates")
+            grid, seen = tucker.grids[k], cep.unique_coords[k]
+            pos = torch.searchsorted(grid, seen).clamp_max(T - 1)
+            if not torch.equal(grid[pos], seen):
+                raise ValueError(f"grids[{k}] must contain every coordinate of the CEP fit")
             prec = GaussMarkovChain(P0, A, Q).precision_matrix()  # (T d, T d)
             locs, trils = [], []
             for r in range(tucker.ranks[k]):
                 Pk = prec.clone()
                 h = prec.new_zeros(T * d)
-                Pk.diagonal()[0::d] += cep.msg_lam[k][r]
-                h[0::d] = cep.msg_eta[k][r]
+                Pk.diagonal()[pos * d] += cep.msg_lam[k][r]  # messages on the first state
+                h[pos * d] = cep.msg_eta[k][r]
                 Lp = cholesky(Pk, name="factor posterior precision")
                 locs.append(torch.cholesky_solve(h[:, None], Lp)[:, 0])
                 cov = torch.cholesky_solve(torch.eye(T * d, dtype=Pk.dtype), Lp)
