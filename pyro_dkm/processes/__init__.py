@@ -60,18 +60,15 @@ __all__ = [
     "maximise_positive",
 ]
 
-# Modules contributed alongside (classification, GPyTorch route): import them when they
-# import cleanly, never let them break this package.
-def _optional(name: str) -> None:
-    import importlib
-    import warnings
-
-    try:
-        importlib.import_module(f"{__name__}.{name}")
-    except Exception as err:  # pragma: no cover - depends on the optional module
-        warnings.warn(f"pyro_dkm.processes.{name} could not be imported: {err!r}",
-                      ImportWarning, stacklevel=2)
+# Modules contributed alongside (classification, GPyTorch route) are imported lazily on
+# first attribute access (``pyro_dkm.processes.classification``): importing this package
+# stays light (no gpytorch/pykeops import) and never fails because of them.
+_OPTIONAL = ("classification", "gpytorch")
 
 
-_optional("classification")
-_optional("gpytorch")
+def __getattr__(name: str):
+    if name in _OPTIONAL:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
