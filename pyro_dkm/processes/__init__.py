@@ -11,6 +11,7 @@ See ``docs/processes.md``.
   :class:`SpectralProblem` (one eigendecomposition, O(n) per hyper-parameter step).
 """
 
+from .burr import BurrXII
 from .regression import (
     GaussianProcessRegression,
     NNGPCovariance,
@@ -19,7 +20,6 @@ from .regression import (
     fit,
 )
 from .scale_mixture import (
-    BurrXII,
     GaussianScaleLikelihood,
     ScaleMixture,
     ScalePosterior,
