@@ -28,7 +28,7 @@ def main():
     p.add_argument("--plot", type=Path, default=None)
     a = p.parse_args()
     d = load_tensor_fold(a.data_dir / "tensor" / "beijing_pm25.npz", 0)
-    m = FunctionalTucker([a.rank] * 3, nu=1.5, lengthscale=[1.0, 1.0, 0.01], max_iter=a.max_iter)
+    m = FunctionalTucker([a.rank] * 3, nu=1.5, lengthscale=[0.3, 0.3, 0.03], max_iter=a.max_iter)
     t = time.perf_counter()
     m.fit(d["train_coord"], d["train_value"])
     fit_s = time.perf_counter() - t

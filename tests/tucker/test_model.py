@@ -196,6 +196,8 @@ def test_bad_arguments_raise():
         FunctionalTucker([2, 2, 2], lengthscale=[1.0, -1.0, 1.0])
     with pytest.raises(ValueError, match="cp"):
         FunctionalTucker([2, 3, 2], core="cp")
+    with pytest.raises(ValueError, match="init"):
+        FunctionalTucker([2, 2, 2], init="svd")
     with pytest.raises(RuntimeError, match="fit"):
         FunctionalTucker([2, 2, 2]).predict(np.zeros((3, 3)))
     m = FunctionalTucker([1, 1, 1], progress=False, max_iter=2).fit(
