@@ -28,7 +28,8 @@ Interface for ``benchmarks/scale_mixtures.py`` (and any other caller)::
 models ``SVGP`` (learned point scale), ``SVTP`` and, on request, ``SVGP (s=1)``; metrics
 ``accuracy``, ``NLL``, ``train time`` (unit s) and, for the SVTP, ``q(s) shape a_q`` (the
 posterior inverse-gamma shape: the latent predictive is a Student-t with ``2 a_q`` degrees
-of freedom).
+of freedom); dataset ``digits/learned`` holds the learned kernel ``weight var``/``bias var``
+and the amplitude ``E[s]`` per model.
 :func:`summary_line` gives the closing comparison line.
 """
 
@@ -182,6 +183,12 @@ def run_one_seed(seed: int, cfg: dict, dtype=torch.float64, device="cpu", progre
         seconds[name] = res.seconds
         if model.has_scale:  # posterior shape of q(s): the latent t has 2 a_q degrees of freedom
             seconds["q(s) shape"] = float(model.q_concentration.detach())
+        with torch.no_grad():  # learned kernel shape and amplitude E[s]
+            s_mean = (model.scale_posterior_dist().mean if model.has_scale else
+                      model.output_scale if model.learn_scale else torch.ones(()))
+            seconds[(name, "weight var")] = float(model.kernel.weight_var)
+            seconds[(name, "bias var")] = float(model.kernel.bias_var)
+            seconds[(name, "E[s]")] = float(s_mean)
         for ds, Xc in tests.items():
             probs = model.predict_proba(Xc, num_samples=cfg["digits_predict_samples"],
                                         generator=torch.Generator(device=device).manual_seed(
@@ -224,6 +231,9 @@ def run_digits(args) -> list[dict]:
     if "SVTP" in names:
         rows.append(row("digits/clean", "SVTP", "q(s) shape a_q",
                         [s["q(s) shape"] for _, s in per_seed]))
+    for model in names:
+        for k in ("weight var", "bias var", "E[s]"):
+            rows.append(row("digits/learned", model, k, [s[(model, k)] for _, s in per_seed]))
     return rows
 
 

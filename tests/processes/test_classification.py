@@ -357,7 +357,7 @@ def test_digits_benchmark_smoke():
                          "--digits-predict-samples", "4", "--digits-seeds", "1"])
     args.progress = False
     rows = _digits.run_digits(args)
-    assert len(rows) == 7 * 2 * 2 + 2 + 1
+    assert len(rows) == 7 * 2 * 2 + 2 + 1 + 2 * 3
     assert {r["model"] for r in rows} == {"SVGP", "SVTP"}
     assert all(math.isfinite(r["mean"]) and r["n"] == 1 for r in rows)
     assert all(0 <= r["mean"] <= 1 for r in rows if r["metric"] == "accuracy")
