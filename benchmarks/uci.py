@@ -40,15 +40,18 @@ except ImportError:  # pragma: no cover
         return x
 
 
+DKMS = ("DKM", "DKM-ARD")
+
+
 def _with_bias(X):  # G_0 = X X^T / d has no bias term: append a constant feature
     return torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype, device=X.device)], 1)
 
 
-def run_dkm(d, M, epochs, batch, lr, seed, nu):
+def run_dkm(d, M, epochs, batch, lr, seed, nu, ard=False):
     from pyro_dkm.dkm import DeepKernelMachine, fit, select_inducing_points
     X = _with_bias(d.X_train)
     model = DeepKernelMachine(select_inducing_points(X, M, seed=seed), depth=2, nu=nu,
-                              kernel="relu", dtype=X.dtype)
+                              kernel="relu", input_ard=ard, dtype=X.dtype)
     res = fit(model, X, d.y_train, epochs=epochs, batch_size=batch, lr=lr, seed=seed,
               progress=False)
     pred = model.predict(_with_bias(d.X_test))
@@ -88,7 +91,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--nu", type=float, default=1.0, help="DKM nu for both Gram layers")
     p.add_argument("--nngp-max-train", type=int, default=2000)
-    p.add_argument("--models", default="DKM,SVGP,DGP-2,NNGP")
+    p.add_argument("--models", default="DKM,SVGP,DGP-2,NNGP",
+                   help="comma-separated from DKM, DKM-ARD (learned input lengthscales), SVGP, "
+                        "DGP-2, NNGP")
     p.add_argument("--csv", type=Path, default=None, help="also write the rows as CSV")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads, the same for every model (default 1)")
@@ -104,7 +109,7 @@ def main(argv=None) -> int:
     uci_dir = Path(args.data_dir) / "uci"
     names = args.datasets or list_uci_datasets(uci_dir)
     models = [m for m in args.models.split(",") if m]
-    rows, ratios, wins, compared, budget = [], [], 0, 0, {}
+    rows, ratios, wins, compared, budget = [], {}, {}, {}, {}
     meta = dict(num_inducing=args.num_inducing, steps=args.steps, max_epochs=args.max_epochs,
                 batch_size=args.batch_size, lr=args.lr, nu=args.nu, threads=args.threads,
                 nngp_max_train=args.nngp_max_train)
@@ -122,8 +127,9 @@ def main(argv=None) -> int:
             budget[name] = {"n_train": N, "epochs": epochs, "steps": epochs * math.ceil(N / B)}
             for m in models:
                 torch.manual_seed(seed)
-                if m == "DKM":
-                    out = run_dkm(d, args.num_inducing, epochs, B, args.lr, seed, args.nu)
+                if m in DKMS:
+                    out = run_dkm(d, args.num_inducing, epochs, B, args.lr, seed, args.nu,
+                                  ard=m == "DKM-ARD")
                 else:
                     out = run_baseline(m, d, args.num_inducing, epochs, B, args.lr, seed,
                                        args.nngp_max_train)
@@ -134,26 +140,27 @@ def main(argv=None) -> int:
             rows.append(row(name, label, "test LL", res[m]["ll"]))
             rows.append(row(name, label, "RMSE", res[m]["rmse"]))
             rows.append(row(name, label, "time/epoch", res[m]["spe"], unit="s"))
-        if "DKM" in models and "DGP-2" in models:
-            rows.append(row(name, "DKM", "time ratio DKM/DGP-2",
-                            [a / b for a, b in zip(res["DKM"]["spe"], res["DGP-2"]["spe"])]))
-        if "DKM" in models and "DGP-2" in models:
-            compared += 1
-            dkm_ll = sum(res["DKM"]["ll"]) / len(res["DKM"]["ll"])
+        for k in (k for k in DKMS if k in models and "DGP-2" in models):
+            rows.append(row(name, k, "time ratio DKM/DGP-2",
+                            [a / b for a, b in zip(res[k]["spe"], res["DGP-2"]["spe"])]))
+        if "DGP-2" in models:
             dgp_ll = sum(res["DGP-2"]["ll"]) / len(res["DGP-2"]["ll"])
-            wins += dkm_ll >= dgp_ll
-            ratios.append(sum(res["DKM"]["spe"]) / sum(res["DGP-2"]["spe"]))
+            for k in (k for k in DKMS if k in models):
+                compared[k] = compared.get(k, 0) + 1
+                wins[k] = wins.get(k, 0) + (sum(res[k]["ll"]) / len(res[k]["ll"]) >= dgp_ll)
+                ratios.setdefault(k, []).append(sum(res[k]["spe"]) / sum(res["DGP-2"]["spe"]))
         if args.json:  # partial results after every dataset
             write_json(args.json, rows, summary="partial: " + ",".join(
                 dict.fromkeys(r["dataset"] for r in rows)), budget=budget, **meta)
     print_table(rows)
-    if ratios:
-        geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-        summary = (f"DKM test LL >= DGP-2 on {wins}/{compared} datasets; DKM/DGP-2 seconds per "
-                   f"epoch: geometric mean {geo:.2f}x (range {min(ratios):.2f}-{max(ratios):.2f})"
-                   f" at {args.num_inducing} inducing points")
-    else:
-        summary = "no DKM vs DGP-2 comparison run"
+    parts = []
+    for k, rs in ratios.items():
+        geo = math.exp(sum(math.log(r) for r in rs) / len(rs))
+        parts.append(f"{k} test LL >= DGP-2 on {wins[k]}/{compared[k]} datasets; {k}/DGP-2 "
+                     f"seconds per epoch: geometric mean {geo:.2f}x (range {min(rs):.2f}-"
+                     f"{max(rs):.2f})")
+    summary = ("; ".join(parts) + f" at {args.num_inducing} inducing points" if parts
+               else "no DKM vs DGP-2 comparison run")
     print(summary)
     if args.json:
         write_json(args.json, rows, summary=summary, argv=sys.argv[1:] if argv is None else argv,

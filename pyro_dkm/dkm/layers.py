@@ -77,15 +77,23 @@ class InputGram(PyroModule):
     Args:
         inducing_points: ``(M, d)`` initial inducing inputs :math:`Z`.
         learn_inducing: make :math:`Z` a learnable parameter (default) or a fixed buffer.
+        ard: learn one input lengthscale per feature (``input_lengthscale``, a
+            ``PyroParam`` initialised at 1): :math:`G_0 = (X/\ell)(Z/\ell)^T/d`, automatic
+            relevance determination as in ARD kernels.
     """
 
-    def __init__(self, inducing_points: Tensor, learn_inducing: bool = True):
+    def __init__(self, inducing_points: Tensor, learn_inducing: bool = True,
+                 ard: bool = False):
         super().__init__()
         check_tensor(inducing_points, "inducing_points", ndim=2)
         if inducing_points.shape[0] < 1:
             raise ValueError("inducing_points must hold at least one row (inducing point), "
                              "got shape " + str(tuple(inducing_points.shape)))
         self.input_dim = inducing_points.shape[1]
+        self.ard = bool(ard)
+        if self.ard:
+            self.input_lengthscale = PyroParam(
+                torch.ones(self.input_dim, dtype=inducing_points.dtype), constraints.positive)
         Z = inducing_points.detach().clone()
         if learn_inducing:
             self.inducing_points = torch.nn.Parameter(Z)
@@ -95,6 +103,9 @@ class InputGram(PyroModule):
     def forward(self, X: Tensor) -> GramBlocks:
         Z = self.inducing_points  # (M, d)
         d = self.input_dim
+        if self.ard:
+            inv = 1 / self.input_lengthscale  # (d,)
+            Z, X = Z * inv, X * inv
         return GramBlocks(Z @ Z.mT / d, X @ Z.mT / d, X.pow(2).sum(-1) / d)
 
 

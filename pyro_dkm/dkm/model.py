@@ -110,6 +110,8 @@ class DeepKernelMachine(PyroModule):
         gram_parameterisation: ``"cholesky"`` (``G_ii = V V^T``, initialised at
             ``chol(K_ii)``) or ``"whitened"`` (``G_ii = L_K V V^T L_K^T``, ``V = I`` at the
             start; better conditioned for large ``nu``); see :class:`GramLayer`.
+        input_ard: learn one input lengthscale per feature, ``G_0 = (X/l)(Z/l)^T / d``
+            (``input_layer.input_lengthscale``, a ``PyroParam``).
         dtype: parameter dtype (default float64); inputs are cast to it.
 
     Hyper-parameters (``noise``, kernel ``lengthscale``s) are ``PyroParam``; replace any with
@@ -133,6 +135,7 @@ class DeepKernelMachine(PyroModule):
         num_likelihood_samples: int = 8,
         lengthscale: float = 1.0,
         gram_parameterisation: str = "cholesky",
+        input_ard: bool = False,
         dtype: torch.dtype = torch.float64,
     ):
         super().__init__()
@@ -160,7 +163,8 @@ class DeepKernelMachine(PyroModule):
                             analytic_expectation=analytic_expectation,
                             num_likelihood_samples=num_likelihood_samples,
                             lengthscale=lengthscale,
-                            gram_parameterisation=gram_parameterisation, dtype=dtype)
+                            gram_parameterisation=gram_parameterisation,
+                            input_ard=input_ard, dtype=dtype)
         self.depth = depth
         self.num_inducing = M
         self.out_channels = out_channels
@@ -169,7 +173,8 @@ class DeepKernelMachine(PyroModule):
         self.num_likelihood_samples = int(num_likelihood_samples)
         nus = [float(v) for v in _per_layer(nu, depth, "nu")]
         kernels = _per_layer(kernel, depth + 1, "kernel")
-        self.input_layer = InputGram(inducing_points.to(torch.float64), learn_inducing)
+        self.input_layer = InputGram(inducing_points.to(torch.float64), learn_inducing,
+                                     ard=input_ard)
         self.kernel_layers = PyroModule[torch.nn.ModuleList](
             [KernelLayer(k, lengthscale=lengthscale) for k in kernels])
         self.gram_layers = PyroModule[torch.nn.ModuleList](
