@@ -743,25 +743,86 @@ class NNGPOperator(LinearOperator):
 # --------------------------------------------------------------------------
 # Solves: exact GP and Student-t process regression without materialising K
 # --------------------------------------------------------------------------
+def _pivoted_cholesky(kfn, x: Tensor, get: str, rank: int) -> Tensor:
+    """Rank-``rank`` pivoted Cholesky factor ``L`` (rank, n) with ``K ~ L^T L``, from
+    ``rank`` kernel rows (O(n rank) memory and time)."""
+    d = kfn(x, diag=True, get=get).clone()
+    rows = []
+    for _ in range(min(rank, x.shape[0])):
+        i = int(torch.argmax(d))
+        if d[i] <= 1e-12 * d.abs().max():
+            break
+        r = kfn(x[i:i + 1], x, get=get)[0]
+        if rows:
+            Lm = torch.stack(rows)
+            r = r - Lm[:, i] @ Lm
+        rows.append(r / d[i].sqrt())
+        d = d - rows[-1] ** 2
+    return torch.stack(rows) if rows else x.new_zeros(0, x.shape[0])
+
+
 def cg_solve(op: LinearOperator, rhs: Tensor, *, tol: float = 1e-6, max_iter: int = 1000,
-             precond_rank: int = 0) -> Tensor:
-    """``op^{-1} rhs`` by linear_operator's conjugate gradients (never Cholesky, whatever
-    the size), ``rhs`` of shape ``(n,)`` or ``(n, m)``.
+             precond_rank: int = 0, info: dict | None = None) -> Tensor:
+    """``op^{-1} rhs`` by conjugate gradients (never Cholesky), ``rhs`` ``(n,)`` or ``(n, m)``.
 
-    ``precond_rank > 0`` needs ``op = NNGPOperator(kfn, x) + DiagLinearOperator(noise)``
-    (an ``AddedDiagLinearOperator``): linear_operator then preconditions CG with a
-    rank-``precond_rank`` pivoted Cholesky factor of K (rows of K computed in torch).
+    For a square :class:`NNGPOperator` with ``noise > 0`` (``K + s I``) this is our own
+    float64-exact preconditioned CG, run until every column's residual is below ``tol``
+    times its right-hand side's norm; ``precond_rank > 0`` preconditions with
+    ``L^T L + s I``, ``L`` a rank-``precond_rank`` pivoted Cholesky factor of K (rows of K
+    in torch, O(n rank) memory). ``info`` (a dict) receives ``iterations`` and
+    ``residual``. Any other ``LinearOperator`` is solved by ``op.solve`` under
+    linear_operator's CG settings (its CG stops near 1e-5 relative error in float64).
     """
-    import linear_operator  # noqa: PLC0415
-
     vec = rhs.dim() == 1
-    with linear_operator.settings.max_cg_iterations(max_iter), \
-            linear_operator.settings.cg_tolerance(tol), \
-            linear_operator.settings.max_cholesky_size(0), \
-            linear_operator.settings.max_preconditioner_size(precond_rank), \
-            linear_operator.settings.min_preconditioning_size(0 if precond_rank else 10 ** 12):
-        out = op.solve(rhs[:, None] if vec else rhs)
-    return out[:, 0] if vec else out
+    b = rhs[:, None] if vec else rhs
+    if not (isinstance(op, NNGPOperator) and op.sym and bool(op.noise > 0)):
+        import linear_operator  # noqa: PLC0415
+
+        with linear_operator.settings.max_cg_iterations(max_iter), \
+                linear_operator.settings.cg_tolerance(tol), \
+                linear_operator.settings.max_cholesky_size(0), \
+                linear_operator.settings.max_preconditioner_size(precond_rank), \
+                linear_operator.settings.min_preconditioning_size(
+                    0 if precond_rank else 10 ** 12):
+            out = op.solve(b)
+        return out[:, 0] if vec else out
+    s = op.noise.reshape(())
+    if precond_rank > 0:
+        L = _pivoted_cholesky(op.kernel_fn, op.x1, op.get, precond_rank)  # (k, n)
+        C = torch.linalg.cholesky(s * torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+                                  + L @ L.mT)
+
+        def precond(r):  # (L^T L + s I)^-1 r by Woodbury
+            return (r - L.mT @ torch.cholesky_solve(L @ r, C)) / s
+    else:
+        def precond(r):
+            return r
+    x = torch.zeros_like(b)
+    r = b.clone()
+    z = precond(r)
+    p = z
+    rz = (r * z).sum(0)
+    bnorm = b.norm(dim=0).clamp_min(torch.finfo(b.dtype).tiny)
+    it, res = 0, 1.0
+    while it < max_iter:
+        it += 1
+        Ap = op._matmul(p)
+        alpha = rz / (p * Ap).sum(0)
+        x = x + alpha * p
+        r = r - alpha * Ap
+        res = float((r.norm(dim=0) / bnorm).max())
+        if res <= tol:
+            break
+        z = precond(r)
+        rz_new = (r * z).sum(0)
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    if info is not None:
+        info.update(iterations=it, residual=res)
+    if res > tol:
+        warnings.warn(f"CG stopped after {max_iter} iterations with relative residual "
+                      f"{res:.2e} > tol {tol:.1e}", RuntimeWarning, stacklevel=2)
+    return x[:, 0] if vec else x
 
 
 def inv_quad(op: LinearOperator, y: Tensor, **cg) -> Tensor:
@@ -789,14 +850,7 @@ def exact_predict(kfn: NNGPKernelFn, x: Tensor, y: Tensor, x_test: Tensor, *, no
     check_tensor(y, "y", ndim=1)
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"y must have one entry per row of x ({x.shape[0]}), got {y.shape[0]}")
-    precond = cg.get("precond_rank", 0) > 0
-    if precond:
-        from linear_operator.operators import DiagLinearOperator  # noqa: PLC0415
-
-        op = NNGPOperator(kfn, x, get=get, use_keops=True) + DiagLinearOperator(
-            torch.full((x.shape[0],), float(noise), dtype=x.dtype, device=x.device))
-    else:
-        op = NNGPOperator(kfn, x, get=get, noise=noise, use_keops=True)
+    op = NNGPOperator(kfn, x, get=get, noise=noise, use_keops=True)
     alpha = cg_solve(op, y, **cg)
     quad = (y * alpha).sum()
     mean = keops_matmul(kfn, x_test, x, alpha, get=get, use_keops=True)

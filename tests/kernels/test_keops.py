@@ -97,28 +97,55 @@ def test_shallow_values_and_gradients_match_dense(depth, acts, get):
 
 
 def test_cg_solve_matches_cholesky_n2000():
-    # Exact GP solve (K + s2 I)^-1 y by linear_operator's CG through KeOps matvecs, against
-    # a dense Cholesky solve; CG run to a 1e-10 relative residual.
-    import linear_operator
-
+    # Exact GP solve (K + s2 I)^-1 y by preconditioned CG through KeOps matvecs, against a
+    # dense Cholesky solve; CG run to a 1e-10 relative residual (cond(K + s2 I) ~ 1e4, so
+    # the solution error is <= ~1e-6).
     g = torch.Generator().manual_seed(3)
     n = 2000
     x = torch.randn(n, D, generator=g, dtype=F64)
     y = torch.sin(x.sum(-1, keepdim=True)) + 0.1 * torch.randn(n, 1, generator=g, dtype=F64)
     kfn = _net(2, ("relu",))
     op = K.NNGPOperator(kfn, x, noise=0.1, use_keops=True)
-    with linear_operator.settings.max_cg_iterations(2000), \
-            linear_operator.settings.cg_tolerance(1e-10), \
-            linear_operator.settings.max_cholesky_size(0):
-        alpha = op.solve(y)
+    info = {}
+    alpha = K.cg_solve(op, y, tol=1e-10, max_iter=500, precond_rank=50, info=info)
     Kd = kfn(x) + 0.1 * torch.eye(n, dtype=F64)
     want = torch.cholesky_solve(y, torch.linalg.cholesky(Kd))
     assert _rel(alpha, want) < 1e-6
+    assert info["iterations"] < 200  # the pivoted-Cholesky preconditioner works
     # the operator's diagonal is the exact dense one
     assert torch.allclose(op.diagonal(), Kd.diagonal(), rtol=1e-12, atol=0)
-    # the Student-t / GP quadratic form y^T (K + s2 I)^-1 y from the same solve
-    quad = K.inv_quad(op, y, tol=1e-10)
+    # the Student-t / GP quadratic form y^T (K + s2 I)^-1 y from the same kind of solve
+    quad = K.inv_quad(op, y, tol=1e-10, precond_rank=50)
     assert abs(quad.item() - (y * want).sum().item()) < 1e-6 * (y * want).sum().item()
+
+
+def test_linear_operator_solve_and_exact_predict():
+    # linear_operator's own CG (op.solve, as GPyTorch uses it) on the lazy operator, and
+    # the exact_predict helper, against dense Cholesky (n = 300; same KeOps formula as
+    # above). linear_operator's CG stalls near 1e-5 relative error even on dense float64
+    # matrices, hence its looser tolerance here.
+    import linear_operator
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(300, D, generator=g, dtype=F64)
+    xs = torch.randn(20, D, generator=g, dtype=F64)
+    y = torch.sin(x.sum(-1)) + 0.1 * torch.randn(300, generator=g, dtype=F64)
+    kfn = _net(2, ("relu",))
+    Kd = kfn(x) + 0.1 * torch.eye(300, dtype=F64)
+    want = torch.cholesky_solve(y[:, None], torch.linalg.cholesky(Kd))[:, 0]
+    op = K.NNGPOperator(kfn, x, noise=0.1, use_keops=True)
+    with linear_operator.settings.max_cholesky_size(0), \
+            linear_operator.settings.cg_tolerance(1e-8), \
+            linear_operator.settings.max_cg_iterations(300):
+        got = op.solve(y[:, None])[:, 0]
+    assert _rel(got, want) < 1e-4
+    mean, var, quad = K.exact_predict(kfn, x, y, xs, noise=0.1, variance=True, block=1,
+                                      tol=1e-10, precond_rank=20)
+    Ks = kfn(xs, x)
+    torch.testing.assert_close(mean, Ks @ want, rtol=1e-7, atol=1e-7)
+    var_want = kfn(xs, diag=True) - (Ks * torch.linalg.solve(Kd, Ks.mT).mT).sum(-1)
+    torch.testing.assert_close(var, var_want, rtol=1e-6, atol=1e-7)
+    assert abs(quad.item() - (y @ want).item()) < 1e-7 * (y @ want).item()
 
 
 def test_fallback_without_pykeops_warns_and_is_dense(monkeypatch):
