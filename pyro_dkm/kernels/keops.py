@@ -535,6 +535,10 @@ def _keops_supported(kfn, x1, x2, v=None) -> str | None:
         return "mixed dtypes"
     if not any(isinstance(layer, Dense) for layer in kfn.layers):
         return "a network without Dense layers"
+    try:
+        _program(kfn)
+    except TypeError as err:
+        return str(err)
     return None
 
 
