@@ -60,15 +60,32 @@ __all__ = [
     "maximise_positive",
 ]
 
-# Modules contributed alongside (classification, GPyTorch route) are imported lazily on
-# first attribute access (``pyro_dkm.processes.classification``): importing this package
-# stays light (no gpytorch/pykeops import) and never fails because of them.
+# The classification and GPyTorch modules are imported lazily on first attribute access
+# (``pyro_dkm.processes.classification`` or one of their names below): importing this
+# package stays light (no gpytorch/pykeops import) and never fails because of them.
 _OPTIONAL = ("classification", "gpytorch")
+_LAZY_NAMES = {
+    "SparseVariationalClassifier": "classification",
+    "SVGPClassifier": "classification",
+    "SVTPClassifier": "classification",
+    "fit_classifier": "classification",
+    "classification_metrics": "classification",
+    "StudentTMarginalLogLikelihood": "gpytorch",
+    "student_t_predictive": "gpytorch",
+}
+__all__ += list(_LAZY_NAMES)
 
 
 def __getattr__(name: str):
-    if name in _OPTIONAL:
-        import importlib
+    import importlib
 
+    if name in _OPTIONAL:
         return importlib.import_module(f"{__name__}.{name}")
+    if name in _LAZY_NAMES:
+        module = importlib.import_module(f"{__name__}.{_LAZY_NAMES[name]}")
+        return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_OPTIONAL) | set(_LAZY_NAMES))
