@@ -52,8 +52,11 @@ class NNGPKernel(gpytorch.kernels.Kernel):
             The KeOps path returns a :class:`~pyro_dkm.kernels.keops.NNGPOperator`
             (O(N) memory matrix products; linear_operator then uses CG/Lanczos).
             It needs 2-D inputs and an empty ``batch_shape`` (else dense).
-        keops_threshold: size switch for ``use_keops="auto"`` (default 5000: on CPU
-            KeOps matches dense speed from about there and saves O(N^2) memory).
+        keops_threshold: size switch for ``use_keops="auto"`` (default 5000). On one CPU
+            core a KeOps product is ~3x faster than a dense one from N = 1e3 on, but a
+            dense Cholesky solve beats 15-25 CG iterations below a few thousand points;
+            above, dense memory (8 N^2 bytes per matrix) is the limit. Gradients run
+            through hand-derived KeOps formulas (``docs/keops.md``).
 
     ``forward(x1, x2, diag=False)`` takes ``(..., n, d)`` inputs and returns
     ``(..., n1, n2)`` (or ``(..., n1)`` with ``diag=True``, computed in O(n d)).
