@@ -1,4 +1,4 @@
-"""UCI regression: sparse DKM (2 hidden Gram layers) vs SVGP vs 2-layer deep GP vs NNGP.
+"""UCI regression: sparse DKM (2 Gram layers; plain and ARD) vs SVGP vs 2-layer deep GP vs NNGP.
 
 For each dataset folder under ``<data-dir>/uci`` (discovered from the folder) and each
 standard split: standardise with training statistics, train every model with the same
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--nu", type=float, default=1.0, help="DKM nu for both Gram layers")
     p.add_argument("--nngp-max-train", type=int, default=2000)
-    p.add_argument("--models", default="DKM,SVGP,DGP-2,NNGP",
+    p.add_argument("--models", default="DKM,DKM-ARD,SVGP,DGP-2,NNGP",
                    help="comma-separated from DKM, DKM-ARD (learned input lengthscales), SVGP, "
                         "DGP-2, NNGP")
     p.add_argument("--csv", type=Path, default=None, help="also write the rows as CSV")
