@@ -92,7 +92,7 @@ class _ArcCosineCov(torch.autograd.Function):
             d12 = pmt
             if any_floored:
                 d12 = d12 + torch.where(floored, k12 * s_over_r, 0.0)
-            d12 = grad * d12 / (2 * math.pi)
+            d12 = (grad * d12 / (2 * math.pi)).sum_to_size(k12.shape)
         if need11 or need22:
             finfo = torch.finfo(k12.dtype)
             c = s_over_r / (4 * math.pi)

@@ -136,6 +136,9 @@ def test_arccos_cov_gradcheck_float64():
 
     k12, k11, k22 = (t.requires_grad_() for t in _arccos_points())
     assert torch.autograd.gradcheck(arccos_cov, (k12, k11, k22))
+    # any operand may be the broadcast one: a (1, M) cross row against (T, 1) diagonals
+    row = k12[:1].detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(arccos_cov, (row, k11, k22))
 
 
 def test_arccos_cov_equals_autograd_of_relu_expectations():
