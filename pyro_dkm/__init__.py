@@ -5,4 +5,6 @@ from .linalg import NotPositiveDefiniteError
 
 __version__ = "0.1.0"
 
-__all__ = ["dkm", "kernels", "linalg", "processes", "tucker", "NotPositiveDefiniteError", "__version__"]
+__all__ = [
+    "dkm", "kernels", "linalg", "processes", "tucker", "NotPositiveDefiniteError", "__version__",
+]

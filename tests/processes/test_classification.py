@@ -27,13 +27,6 @@ from pyro_dkm.processes.classification import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _t(x):
     return torch.tensor(x, dtype=F64)

@@ -13,14 +13,6 @@ from pyro_dkm.gpytorch import NNGPKernel
 from pyro_dkm.processes.gpytorch import StudentTMarginalLogLikelihood, student_t_predictive
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class _GP(gpytorch.models.ExactGP):
     def __init__(self, x, y, likelihood, kernel):
         super().__init__(x, y, likelihood)

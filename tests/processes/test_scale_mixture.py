@@ -22,13 +22,6 @@ from pyro_dkm.processes import (
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def t(x):
     return torch.tensor(x, dtype=D)

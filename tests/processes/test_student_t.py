@@ -19,13 +19,6 @@ from pyro_dkm.processes import (
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def spd(*batch, n=5, seed=0):
     g = torch.Generator().manual_seed(seed)
