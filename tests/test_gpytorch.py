@@ -108,6 +108,7 @@ def test_nan_inputs_rejected():
         k(torch.tensor([[float("nan"), 0.0]], dtype=torch.float64)).to_dense()
 
 
+@pytest.mark.keops
 def test_keops_path_predictive_mean_matches_dense():
     # NNGPKernel(use_keops=True) inside an ExactGP: GPyTorch solves by CG through the lazy
     # NNGPOperator (Cholesky disabled); the posterior mean must equal the dense-kernel

@@ -86,16 +86,19 @@ def _check(depth, acts, get, seed=0):
                 assert _rel(a, b) < 1e-6, (name, _rel(a, b))
 
 
+@pytest.mark.keops
 @pytest.mark.parametrize("get", ["nngp", "ntk"])
 def test_depth3_values_and_gradients_match_dense(get):
     _check(3, ("relu", "erf", "relu"), get)
 
 
+@pytest.mark.keops
 @pytest.mark.parametrize("depth,acts,get", [(1, ("relu",), "ntk"), (2, ("relu",), "nngp")])
 def test_shallow_values_and_gradients_match_dense(depth, acts, get):
     _check(depth, acts, get, seed=depth)
 
 
+@pytest.mark.keops
 def test_cg_solve_matches_cholesky_n2000():
     # Exact GP solve (K + s2 I)^-1 y by preconditioned CG through KeOps matvecs, against a
     # dense Cholesky solve; CG run to a 1e-10 relative residual (cond(K + s2 I) ~ 1e4, so
@@ -119,6 +122,7 @@ def test_cg_solve_matches_cholesky_n2000():
     assert abs(quad.item() - (y * want).sum().item()) < 1e-6 * (y * want).sum().item()
 
 
+@pytest.mark.keops
 def test_linear_operator_solve_and_exact_predict():
     # linear_operator's own CG (op.solve, as GPyTorch uses it) on the lazy operator, and
     # the exact_predict helper, against dense Cholesky (n = 300; same KeOps formula as
@@ -276,6 +280,7 @@ def test_gpu_matches_cpu():
     assert _rel(got, kfn(x1, x2) @ v) < 1e-6
 
 
+@pytest.mark.keops
 @pytest.mark.slow
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("acts", [("relu",), ("erf",), ("erf", "relu")])
