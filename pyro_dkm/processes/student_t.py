@@ -137,6 +137,16 @@ def _tril_from(covariance_matrix, scale_tril, kernel, inputs, *, name="covarianc
 # --------------------------------------------------------------------------
 # Closed-form conjugate maths
 # --------------------------------------------------------------------------
+def _conjugate_inputs(y, covariance_matrix, scale_tril, concentration, rate):
+    """Validated ``(L, a, b)`` for the closed forms of the inverse-gamma mixture."""
+    check_tensor(y, "y", min_ndim=1)
+    L = _tril_from(covariance_matrix, scale_tril, None, None)
+    if L.shape[-1] != y.shape[-1]:
+        raise ValueError(f"y has {y.shape[-1]} points but the covariance is "
+                         f"{L.shape[-1]} x {L.shape[-1]}")
+    return L, _positive(concentration, "concentration", y), _positive(rate, "rate", y)
+
+
 def _quad_and_logdet(y: Tensor, L: Tensor, loc) -> tuple[Tensor, Tensor]:
     r = y if loc is None else y - loc
     alpha = solve_tril(L, r.unsqueeze(-1)).squeeze(-1)
@@ -172,13 +182,7 @@ def student_t_log_marginal(
     Returns:
         ``(...)`` log marginal likelihoods.
     """
-    check_tensor(y, "y", min_ndim=1)
-    L = _tril_from(covariance_matrix, scale_tril, None, None)
-    if L.shape[-1] != y.shape[-1]:
-        raise ValueError(f"y has {y.shape[-1]} points but the covariance is "
-                         f"{L.shape[-1]} x {L.shape[-1]}")
-    a = _positive(concentration, "concentration", y)
-    b = _positive(rate, "rate", y)
+    L, a, b = _conjugate_inputs(y, covariance_matrix, scale_tril, concentration, rate)
     n = y.shape[-1]
     q, logdet = _quad_and_logdet(y, L, loc)
     return (torch.lgamma(a + 0.5 * n) - torch.lgamma(a) + a * b.log()
@@ -197,10 +201,7 @@ def inverse_gamma_posterior(
 ) -> tuple[Tensor, Tensor]:
     r"""Posterior of the scale: :math:`s \mid y \sim \mathrm{InvGamma}(a + n/2,\,
     b + q/2)`, :math:`q = (y - m)^T K^{-1} (y - m)`. Returns ``(a', b')``, shape ``(...)``."""
-    check_tensor(y, "y", min_ndim=1)
-    L = _tril_from(covariance_matrix, scale_tril, None, None)
-    a = _positive(concentration, "concentration", y)
-    b = _positive(rate, "rate", y)
+    L, a, b = _conjugate_inputs(y, covariance_matrix, scale_tril, concentration, rate)
     q, _ = _quad_and_logdet(y, L, loc)
     return a + 0.5 * y.shape[-1], b + 0.5 * q
 
