@@ -35,6 +35,7 @@ from .student_t import (
     kernel_matrix,
     log_gamma_ratio,
     student_t_log_marginal,
+    student_t_log_marginal_from_quad,
 )
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "inverse_gamma_posterior",
     "kernel_matrix",
     "log_gamma_ratio",
+    "student_t_log_marginal_from_quad",
     "student_t_log_marginal",
     "BurrXII",
     "GaussianScaleLikelihood",

@@ -43,17 +43,11 @@ from torch import Tensor
 from torch.distributions import StudentT
 
 from ..linalg import cholesky
+from .student_t import student_t_log_marginal_from_quad
 
 __all__ = ["StudentTMarginalLogLikelihood", "student_t_log_marginal_from_quad",
            "student_t_predictive"]
 
-
-def student_t_log_marginal_from_quad(inv_quad: Tensor, logdet: Tensor, n: int, a: Tensor,
-                                     b: Tensor) -> Tensor:
-    r"""Student-t process log marginal from :math:`q = r^T K_y^{-1} r` and
-    :math:`\log|K_y|` (see the module docstring); shapes broadcast."""
-    return (torch.lgamma(a + 0.5 * n) - torch.lgamma(a) - 0.5 * n * torch.log(2 * math.pi * b)
-            - 0.5 * logdet - (a + 0.5 * n) * torch.log1p(inv_quad / (2 * b)))
 
 
 def _check_init(value, name: str) -> float:

@@ -39,7 +39,7 @@ from .scale_mixture import (
     scale_posterior_importance,
     scale_posterior_quadrature,
 )
-from .student_t import kernel_matrix
+from .student_t import kernel_matrix, student_t_log_marginal_from_quad
 
 __all__ = [
     "NNGPCovariance",
@@ -222,9 +222,7 @@ class StudentTProcessRegression(_ExactRegression):
         L, q = self._stats()
         n = self.y.shape[0]
         a, b = self.concentration.to(q.dtype), self.rate.to(q.dtype)
-        return (torch.lgamma(a + 0.5 * n) - torch.lgamma(a) + a * b.log()
-                - (a + 0.5 * n) * torch.log(b + 0.5 * q) - L.diagonal().log().sum()
-                - 0.5 * n * math.log(2 * math.pi))
+        return student_t_log_marginal_from_quad(q, 2 * L.diagonal().log().sum(), n, a, b)
 
     def posterior(self) -> tuple[Tensor, Tensor]:
         """``(a', b') = (a + n/2, b + y^T Ky^-1 y / 2)``: the inverse-gamma posterior of s."""

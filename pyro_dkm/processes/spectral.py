@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..linalg import check_tensor
+from .student_t import student_t_log_marginal_from_quad
 
 __all__ = ["SpectralProblem", "maximise_positive"]
 
@@ -61,9 +62,7 @@ class SpectralProblem:
     def student_t_log_marginal(self, concentration, rate, noise) -> Tensor:
         q, logdet = self.stats(1.0, noise)
         a, b, n = concentration, rate, self.n
-        return (torch.lgamma(a + 0.5 * n) - torch.lgamma(a) + a * torch.log(b)
-                - (a + 0.5 * n) * torch.log(b + 0.5 * q) - 0.5 * logdet
-                - 0.5 * n * math.log(2 * math.pi))
+        return student_t_log_marginal_from_quad(q, logdet, n, a, b)
 
     def scale_log_likelihood(self, amplitude, noise) -> Callable[[Tensor], Tensor]:
         r""":math:`s \mapsto \log \mathcal N(y \mid 0, s(\alpha K + \sigma^2 I))`, O(1) per s."""

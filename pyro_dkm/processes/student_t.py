@@ -28,6 +28,7 @@ __all__ = [
     "student_t_log_marginal",
     "inverse_gamma_posterior",
     "log_gamma_ratio",
+    "student_t_log_marginal_from_quad",
     "kernel_matrix",
 ]
 
@@ -137,6 +138,20 @@ def _tril_from(covariance_matrix, scale_tril, kernel, inputs, *, name="covarianc
 # --------------------------------------------------------------------------
 # Closed-form conjugate maths
 # --------------------------------------------------------------------------
+def student_t_log_marginal_from_quad(q: Tensor, logdet: Tensor, n: int, a, b) -> Tensor:
+    r"""Log marginal of the inverse-gamma scale mixture from :math:`q = r^T K_y^{-1} r` and
+    :math:`\log|K_y|`:
+
+    .. math:: \log\Gamma(a + \tfrac n2) - \log\Gamma(a) - \tfrac n2 \log(2\pi b)
+              - \tfrac12 \log|K_y| - (a + \tfrac n2) \log(1 + \tfrac{q}{2b}),
+
+    with the Gamma ratio by :func:`log_gamma_ratio` and ``log1p``, so it stays accurate
+    in the Gaussian limit (``a, b`` large). Shapes broadcast.
+    """
+    return (log_gamma_ratio(a, 0.5 * n) - 0.5 * n * torch.log(2 * math.pi * b / a)
+            - 0.5 * logdet - (a + 0.5 * n) * torch.log1p(q / (2 * b)))
+
+
 def _conjugate_inputs(y, covariance_matrix, scale_tril, concentration, rate):
     """Validated ``(L, a, b)`` for the closed forms of the inverse-gamma mixture."""
     check_tensor(y, "y", min_ndim=1)
@@ -185,9 +200,7 @@ def student_t_log_marginal(
     L, a, b = _conjugate_inputs(y, covariance_matrix, scale_tril, concentration, rate)
     n = y.shape[-1]
     q, logdet = _quad_and_logdet(y, L, loc)
-    return (torch.lgamma(a + 0.5 * n) - torch.lgamma(a) + a * b.log()
-            - (a + 0.5 * n) * torch.log(b + 0.5 * q)
-            - 0.5 * n * math.log(2 * math.pi) - 0.5 * logdet)
+    return student_t_log_marginal_from_quad(q, logdet, n, a, b)
 
 
 def inverse_gamma_posterior(
