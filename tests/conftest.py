@@ -15,3 +15,14 @@ def _seed_and_clean():
 @pytest.fixture
 def f64():
     return torch.float64
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test with one intra-op thread (restored afterwards): for many small
+    tensor ops (Kalman recursions, small dense solves), extra threads only add
+    contention on a 2-core runner. Sub-packages request it from an autouse fixture."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

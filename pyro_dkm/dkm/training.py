@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -14,6 +13,8 @@ from typing import Callable
 import pyro
 import torch
 from torch import Tensor
+
+from .._training import OptimiserSteps, shuffled_minibatches
 
 __all__ = ["fit", "fit_lbfgs", "FitResult", "validation_metric"]
 
@@ -173,66 +174,43 @@ def fit(
         y_checked = model._check_y(y, N)
 
     result = FitResult()
-    if True:
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
-        sched = _make_scheduler(opt, lr_schedule, total)
-        best, best_state, bad = math.inf, None, 0
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=total, file=sys.stderr, desc=type(model).__name__, leave=False)
-        t0 = time.perf_counter()
-        perm = torch.randperm(N)
-        step = 0
-        try:
-            while step < total:
-                k = step % steps_per_epoch
-                if k == 0 and step > 0:
-                    perm = torch.randperm(N)
-                if exact:
-                    loss = -model.objective()
-                elif closed_form:
-                    idx = perm[k * B:(k + 1) * B]
-                    loss = -model._objective(X[idx], y_checked[idx], N)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    best, best_state, bad = math.inf, None, 0
+    batches = shuffled_minibatches(N, B)
+    t0 = time.perf_counter()
+    with OptimiserSteps(opt, total=total, num_data=N, desc=type(model).__name__,
+                        progress=progress, scheduler=_make_scheduler(opt, lr_schedule, total),
+                        callback=callback) as steps:
+        while steps.step < total:
+            if exact:
+                loss = -model.objective()
+            elif closed_form:
+                idx = next(batches)
+                loss = -model._objective(X[idx], y_checked[idx], N)
+            else:
+                idx = next(batches)
+                loss = elbo.differentiable_loss(model.model, model.guide, X[idx], y[idx],
+                                                num_data=N)
+            if steps(loss):
+                break
+            step = steps.step
+            if X_val is not None and (step % eval_every == 0 or step == total):
+                metric = validation_metric(model, X_val, y_val)
+                result.val.append((step, metric))
+                if metric < best:
+                    best, bad, result.best_step = metric, 0, step
+                    best_state = copy.deepcopy(model.state_dict())
                 else:
-                    idx = perm[k * B:(k + 1) * B]
-                    loss = elbo.differentiable_loss(model.model, model.guide, X[idx], y[idx],
-                                                    num_data=N)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if sched is not None:
-                    sched.step()
-                step += 1
-                value = float(loss.detach()) / N
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"the training loss became {value} at step {step}")
-                result.losses.append(value)
-                if bar is not None:
-                    bar.update(1)
-                    if step % 10 == 0:
-                        bar.set_postfix(loss=f"{value:.4f}")
-                if callback is not None and callback(step, value):
-                    break
-                if X_val is not None and (step % eval_every == 0 or step == total):
-                    metric = validation_metric(model, X_val, y_val)
-                    result.val.append((step, metric))
-                    if metric < best:
-                        best, bad, result.best_step = metric, 0, step
-                        best_state = copy.deepcopy(model.state_dict())
-                    else:
-                        bad += 1
-                        if patience is not None and bad >= patience:
-                            result.stopped_early = True
-                            break
-        finally:
-            if bar is not None:
-                bar.close()
-        result.seconds = time.perf_counter() - t0
-        result.steps = step
-        result.seconds_per_epoch = result.seconds / max(step, 1) * steps_per_epoch
-        if best_state is not None:
-            model.load_state_dict(best_state)
+                    bad += 1
+                    if patience is not None and bad >= patience:
+                        result.stopped_early = True
+                        break
+    result.losses = steps.losses
+    result.seconds = time.perf_counter() - t0
+    result.steps = steps.step
+    result.seconds_per_epoch = result.seconds / max(result.steps, 1) * steps_per_epoch
+    if best_state is not None:
+        model.load_state_dict(best_state)
     return result
 
 

@@ -37,7 +37,6 @@ closed form, :func:`kl_lognormal_inverse_gamma`).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -49,6 +48,7 @@ from pyro.nn.module import pyro_method
 from torch import Tensor
 from torch.distributions import constraints
 
+from .._training import OptimiserSteps, shuffled_minibatches
 from ..dkm.layers import claim_param_store
 from ..kernels.nngp import NNGPKernelFn
 from ..linalg import check_tensor, cholesky, solve_tril
@@ -473,42 +473,19 @@ def fit_classifier(model: SparseVariationalClassifier, X: Tensor, y: Tensor, *,
         pyro.set_rng_seed(seed)
     gen = torch.Generator(device=X.device).manual_seed(0 if seed is None else seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    result = ClassifierFitResult()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=num_steps, file=sys.stderr, desc=type(model).__name__, leave=False)
+    batches = shuffled_minibatches(N, B, generator=gen, device=X.device)
     t0 = time.perf_counter()
-    per_epoch = math.ceil(N / B)
-    perm = torch.randperm(N, generator=gen, device=X.device)
-    try:
-        for step in range(num_steps):
-            k = step % per_epoch
-            if k == 0 and step > 0:
-                perm = torch.randperm(N, generator=gen, device=X.device)
-            idx = perm[k * B:(k + 1) * B]
+    with OptimiserSteps(opt, total=num_steps, num_data=N, desc=type(model).__name__,
+                        progress=progress, callback=callback, postfix_every=20) as steps:
+        for _ in range(num_steps):
+            idx = next(batches)
             if elbo is None:
                 loss = -model.elbo(X[idx], y[idx], num_data=N, num_samples=num_samples,
                                    generator=gen)
             else:
                 loss = elbo.differentiable_loss(model.model, model.guide, X[idx], y[idx],
                                                 num_data=N)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            value = float(loss.detach()) / N
-            if not math.isfinite(value):
-                raise FloatingPointError(f"the training loss became {value} at step {step + 1}")
-            result.losses.append(value)
-            if bar is not None:
-                bar.update(1)
-                if step % 20 == 0:
-                    bar.set_postfix(loss=f"{value:.4f}")
-            if callback is not None and callback(step + 1, value):
+            if steps(loss):
                 break
-    finally:
-        if bar is not None:
-            bar.close()
-    result.seconds = time.perf_counter() - t0
-    result.steps = len(result.losses)
-    return result
+    return ClassifierFitResult(losses=steps.losses, seconds=time.perf_counter() - t0,
+                               steps=steps.step)

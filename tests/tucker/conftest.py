@@ -1,11 +1,6 @@
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _single_thread():
-    # the Kalman recursions are many tiny ops: intra-op threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """The Kalman recursions are many tiny ops: one intra-op thread (see tests/conftest.py)."""

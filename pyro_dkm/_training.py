@@ -1,0 +1,84 @@
+"""Bookkeeping shared by the package's stochastic trainers (:func:`pyro_dkm.dkm.fit`,
+:func:`pyro_dkm.processes.fit_classifier`): shuffled disjoint minibatches, and one
+optimiser step with the loss-per-point history, a finite-loss check, a tqdm progress bar
+on stderr and a stop callback."""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+
+def shuffled_minibatches(n: int, batch_size: int, *, generator: torch.Generator | None = None,
+                         device=None) -> Iterator[Tensor]:
+    """Endless minibatch indices: each epoch draws a fresh permutation of ``range(n)`` (from
+    ``generator``, default torch's global one) and cuts it into ``ceil(n / batch_size)``
+    disjoint slices (the last one shorter when ``batch_size`` does not divide ``n``)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    per_epoch = math.ceil(n / batch_size)
+    while True:
+        perm = torch.randperm(n, generator=generator, device=device)
+        for k in range(per_epoch):
+            yield perm[k * batch_size:(k + 1) * batch_size]
+
+
+class OptimiserSteps:
+    """Take optimiser steps on given losses and keep the books.
+
+    ``steps(loss)`` zeroes the gradients, back-propagates ``loss``, steps the optimiser
+    (and ``scheduler``), records ``loss / num_data`` in :attr:`losses`, raises
+    ``FloatingPointError`` if it is not finite, advances the progress bar, and returns
+    True when ``callback(step, loss_per_point)`` asks to stop. Use it as a context
+    manager so the progress bar is closed however the loop ends.
+    """
+
+    def __init__(self, optimiser: torch.optim.Optimizer, *, total: int, num_data: int,
+                 desc: str, progress: bool = True, scheduler=None,
+                 callback: Callable[[int, float], bool] | None = None,
+                 postfix_every: int = 10):
+        self.optimiser, self.scheduler, self.callback = optimiser, scheduler, callback
+        self.num_data, self.postfix_every = num_data, postfix_every
+        self.losses: list[float] = []
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm  # noqa: PLC0415
+
+            self.bar = tqdm(total=total, file=sys.stderr, desc=desc, leave=False)
+
+    @property
+    def step(self) -> int:
+        """Steps taken so far."""
+        return len(self.losses)
+
+    def __call__(self, loss: Tensor) -> bool:
+        self.optimiser.zero_grad()
+        loss.backward()
+        self.optimiser.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        value = float(loss.detach()) / self.num_data
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the training loss became {value} at step "
+                                     f"{self.step + 1}")
+        self.losses.append(value)
+        if self.bar is not None:
+            self.bar.update(1)
+            if self.step % self.postfix_every == 0:
+                self.bar.set_postfix(loss=f"{value:.4f}")
+        return bool(self.callback is not None and self.callback(self.step, value))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "OptimiserSteps":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
