@@ -450,20 +450,22 @@ class NNGPOperator(LinearOperator):
 # --------------------------------------------------------------------------
 def _pivoted_cholesky(kfn, x: Tensor, get: str, rank: int) -> Tensor:
     """Rank-``rank`` pivoted Cholesky factor ``L`` (rank, n) with ``K ~ L^T L``, from
-    ``rank`` kernel rows (O(n rank) memory and time)."""
+    ``rank`` kernel rows (O(n rank) memory, O(n rank^2) time)."""
     d = kfn(x, diag=True, get=get).clone()
-    rows = []
-    for _ in range(min(rank, x.shape[0])):
+    rank = min(rank, x.shape[0])
+    L = x.new_zeros(rank, x.shape[0])
+    k = 0
+    while k < rank:
         i = int(torch.argmax(d))
         if d[i] <= 1e-12 * d.abs().max():
             break
         r = kfn(x[i:i + 1], x, get=get)[0]
-        if rows:
-            Lm = torch.stack(rows)
-            r = r - Lm[:, i] @ Lm
-        rows.append(r / d[i].sqrt())
-        d = d - rows[-1] ** 2
-    return torch.stack(rows) if rows else x.new_zeros(0, x.shape[0])
+        if k:
+            r = r - L[:k, i] @ L[:k]
+        L[k] = r / d[i].sqrt()
+        d = d - L[k] ** 2
+        k += 1
+    return L[:k]
 
 
 def cg_solve(op: LinearOperator, rhs: Tensor, *, tol: float = 1e-6, max_iter: int = 1000,

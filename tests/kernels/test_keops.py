@@ -123,6 +123,23 @@ def test_cg_solve_matches_cholesky_n2000():
 
 
 @pytest.mark.keops
+def test_pivoted_cholesky_is_exact_at_full_rank_and_greedy_below():
+    kfn = serial(Dense(2.0, 0.1), Relu(), Dense(1.0, 0.05))
+    x = torch.randn(40, 3, dtype=torch.float64)
+    Kd = kfn(x)
+    L = K._pivoted_cholesky(kfn, x, "nngp", 40)
+    assert torch.allclose(L.mT @ L, Kd, atol=1e-10)
+    # rank r: the residual K - L^T L is PSD, and its trace shrinks as r grows
+    traces = []
+    for r in (5, 10, 20):
+        Lr = K._pivoted_cholesky(kfn, x, "nngp", r)
+        assert Lr.shape == (r, 40)
+        resid = Kd - Lr.mT @ Lr
+        assert torch.linalg.eigvalsh(resid).min() > -1e-10
+        traces.append(float(resid.diagonal().sum()))
+    assert traces[0] > traces[1] > traces[2]
+
+
 def test_linear_operator_solve_and_exact_predict():
     # linear_operator's own CG (op.solve, as GPyTorch uses it) on the lazy operator, and
     # the exact_predict helper, against dense Cholesky (n = 300; same KeOps formula as
