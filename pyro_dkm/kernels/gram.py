@@ -16,14 +16,13 @@ inducing points and ``g_t`` the train/test diagonal.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..linalg import check_tensor
+from ._fused import arccos_cov
 from .nngp import _as_variance, erf_diag, erf_expectations, relu_diag
 
 __all__ = [
@@ -55,74 +54,6 @@ def check_gram_blocks(G_ii: Tensor, G_ti: Tensor, g_t: Tensor) -> None:
     if g_t.shape[-1] != G_ti.shape[-2]:
         raise ValueError(f"g_t must have one entry per row of G_ti ({G_ti.shape[-2]}), got "
                          f"shape {tuple(g_t.shape)}")
-
-
-class _ArcCosineCov(torch.autograd.Function):
-    r"""Fused arc-cosine covariance with a hand-derived backward (see :func:`arccos_cov`)."""
-
-    @staticmethod
-    def forward(ctx, k12, k11, k22):
-        prod = k11 * k22
-        finfo = torch.finfo(k12.dtype)
-        floor = (prod * finfo.eps).clamp_min(finfo.tiny)
-        s2 = prod - k12 * k12
-        floored = s2 < floor
-        s = torch.where(floored, floor, s2).sqrt()
-        pmt = torch.atan2(s, -k12)  # pi - theta, theta = atan2(s, k12) in [0, pi]
-        ctx.save_for_backward(k12, k11, k22, s, pmt, floored, prod)
-        return (s + pmt * k12) / (2 * math.pi)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        k12, k11, k22, s, pmt, floored, prod = ctx.saved_tensors
-        # cov = (s + (pi - theta) k12) / 2pi with theta = atan2(s, k12); r = s^2 + k12^2:
-        #   d cov / d s = s^2 / (2 pi r),  d cov / d k12 |_s = (pi - theta + k12 s / r) / 2pi.
-        # Unfloored, s = sqrt(k11 k22 - k12^2): d cov / d k12 = (pi - theta) / 2pi and
-        #   d cov / d k11 = s k22 / (4 pi r). Floored, s = sqrt(eps k11 k22) (no k12 term):
-        #   d cov / d k12 = (pi - theta + k12 s / r) / 2pi, d cov / d k11 = eps s k22 / (4 pi r)
-        #   (0 where the floor is the constant `tiny`).
-        d12 = d11 = d22 = None
-        need12, need11, need22 = ctx.needs_input_grad
-        any_floored = bool(floored.any())
-        if need11 or need22 or any_floored:
-            r = s * s + k12 * k12
-            s_over_r = s / r
-        if need12:
-            d12 = pmt
-            if any_floored:
-                d12 = d12 + torch.where(floored, k12 * s_over_r, 0.0)
-            d12 = (grad * d12 / (2 * math.pi)).sum_to_size(k12.shape)
-        if need11 or need22:
-            finfo = torch.finfo(k12.dtype)
-            c = s_over_r / (4 * math.pi)
-            if any_floored:
-                c_fl = torch.where(prod * finfo.eps > finfo.tiny, finfo.eps, 0.0)
-                c = torch.where(floored, c * c_fl, c)
-            gc = grad * c
-            if need11:
-                d11 = (gc * k22).sum_to_size(k11.shape)
-            if need22:
-                d22 = (gc * k11).sum_to_size(k22.shape)
-        return d12, d11, d22
-
-
-def arccos_cov(k12: Tensor, k11: Tensor, k22: Tensor) -> Tensor:
-    r""":math:`E[\mathrm{relu}(u)\mathrm{relu}(v)]` for :math:`(u, v) \sim \mathcal N(0, K)`,
-    :math:`\frac{1}{2\pi}(s + (\pi - \theta) k_{12})`, :math:`s = \sqrt{k_{11}k_{22} -
-    k_{12}^2}`, :math:`\theta = \operatorname{atan2}(s, k_{12})`.
-
-    Same values (and, where it is differentiable, the same gradients) as
-    ``pyro_dkm.kernels.nngp.relu_expectations(k12, k11, k22)[0]``, including the floor
-    :math:`s^2 \ge \epsilon k_{11}k_{22}`, but as one autograd node with a hand-derived
-    backward (no ``atan2``/``sqrt`` recomputation; :math:`\partial/\partial k_{12} =
-    (\pi - \theta)/2\pi`, :math:`\partial/\partial k_{11} = s/(4\pi k_{11})`), which
-    is several times cheaper than differentiating the elementwise graph. ``k11`` and
-    ``k22`` broadcast against ``k12`` (e.g. ``(T, 1)`` and ``(1, M)``). Differentiable
-    once (a second derivative raises).
-    """
-    k11, k22 = torch.as_tensor(k11, dtype=k12.dtype), torch.as_tensor(k22, dtype=k12.dtype)
-    return _ArcCosineCov.apply(k12, k11, k22)
 
 
 class GramKernel:

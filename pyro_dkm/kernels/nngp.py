@@ -18,7 +18,11 @@ Every layer acts elementwise on (cross covariance, variance of x, variance of
 x'), so the same closed forms serve the dense path here and the KeOps path.
 The closed forms live in pure functions (:func:`relu_expectations`,
 :func:`erf_expectations`) that only use arithmetic, ``sqrt``, ``clamp``/``max``,
-``atan2`` and ``asin``.
+``atan2`` and ``asin``. The dense path evaluates them with the same floating-point
+operations but fewer temporaries: ReLU as one autograd node with a hand-derived
+backward (:mod:`pyro_dkm.kernels._fused`), and calls that need no gradient in place,
+in row blocks, so a full ``K(X, X')`` needs about one ``n1 x n2`` matrix of memory
+(:mod:`pyro_dkm.kernels._blocked`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..linalg import check_tensor
+from ._fused import erf_block_, relu_block_, relu_cov_dot
 
 __all__ = [
     "KernelState",
@@ -207,6 +212,16 @@ class Dense(Layer):
         ntk = None if state.ntk is None else cov + wm * state.ntk
         return replace(state, cov=cov, var1=var1, var2=var2, ntk=ntk)
 
+    def _block_(self, cov: Tensor, ntk: Tensor | None) -> None:
+        """No-grad :meth:`apply` on a full-shape row block, in place (same operations)."""
+        wm, bm = _batch_align(self.weight_var, 2), _batch_align(self.bias_var, 2)
+        cov.mul_(wm).add_(bm)
+        if ntk is not None:
+            ntk.mul_(wm).add_(cov)
+
+    def _tensors(self) -> list[Tensor]:
+        return [v for v in (self.weight_var, self.bias_var) if isinstance(v, Tensor)]
+
     def __repr__(self) -> str:
         return f"Dense(weight_var={self.weight_var}, bias_var={self.bias_var})"
 
@@ -217,20 +232,38 @@ def _times(a, ntk):
 
 class _Activation(Layer):
     def _cross(self, k12, k11, k22):
+        """``(cov, dot)`` off the diagonal (the dense path's implementation)."""
+        raise NotImplementedError
+
+    def _cross_elementwise(self, k12, k11, k22):
+        """``(cov, dot)`` by the plain closed-form expressions (the reference)."""
+        raise NotImplementedError
+
+    def _block_cross_(self, k12, k11, k22, need_dot):
+        """No-grad :meth:`_cross` in place on a full-shape block (``k12`` becomes ``cov``);
+        returns ``dot`` when ``need_dot``."""
         raise NotImplementedError
 
     def _diag(self, k):
         raise NotImplementedError
 
     def apply(self, state: KernelState) -> KernelState:
+        return self._apply_with(state, self._cross)
+
+    def apply_elementwise(self, state: KernelState) -> KernelState:
+        """:meth:`apply` through the plain elementwise closed forms (:func:`relu_expectations`,
+        :func:`erf_expectations`): same values, ~10 kernel-sized temporaries; a reference."""
+        return self._apply_with(state, self._cross_elementwise)
+
+    def _apply_with(self, state: KernelState, cross) -> KernelState:
         v1, d1 = self._diag(state.var1)
         if state.coincident:
             return replace(state, cov=v1, var1=v1, var2=v1, ntk=_times(d1, state.ntk))
         v2, _ = self._diag(state.var2)
         if state.diag:  # paired entries k(x1_i, x2_i)
-            cov, dot = self._cross(state.cov, state.var1, state.var2)
+            cov, dot = cross(state.cov, state.var1, state.var2)
         else:
-            cov, dot = self._cross(state.cov, state.var1[..., :, None], state.var2[..., None, :])
+            cov, dot = cross(state.cov, state.var1[..., :, None], state.var2[..., None, :])
             if state.symmetric:
                 cov = cov.diagonal_scatter(v1.expand(cov.shape[:-1]), dim1=-2, dim2=-1)
                 dot = dot.diagonal_scatter(d1.expand(dot.shape[:-1]), dim1=-2, dim2=-1)
@@ -241,7 +274,13 @@ class Relu(_Activation):
     """ReLU activation (arc-cosine kernel of order 1)."""
 
     def _cross(self, k12, k11, k22):
+        return relu_cov_dot(k12, k11, k22)
+
+    def _cross_elementwise(self, k12, k11, k22):
         return relu_expectations(k12, k11, k22)
+
+    def _block_cross_(self, k12, k11, k22, need_dot):
+        return relu_block_(k12, k11, k22, need_dot)
 
     def _diag(self, k):
         return relu_diag(k)
@@ -252,6 +291,11 @@ class Erf(_Activation):
 
     def _cross(self, k12, k11, k22):
         return erf_expectations(k12, k11, k22)
+
+    _cross_elementwise = _cross
+
+    def _block_cross_(self, k12, k11, k22, need_dot):
+        return erf_block_(k12, k11, k22, need_dot, clamp_eps(k12.dtype))
 
     def _diag(self, k):
         return erf_diag(k)
@@ -288,30 +332,17 @@ class NNGPKernelFn:
                       ntk: bool = True) -> KernelState:
         """The input-layer state :math:`K_0 = x\\cdot x'/d`, :math:`\\Theta_0 = 0`
         (the NTK is not tracked when ``ntk`` is false)."""
-        check_tensor(x1, "x1", min_ndim=2)
+        x2, symmetric = _check_inputs(x1, x2)
         d = x1.shape[-1]
-        if d == 0:
-            raise ValueError("x1 must have at least one feature (last dimension), got 0")
         var1 = x1.pow(2).sum(-1) / d
 
         def zeros(t):
             return torch.zeros_like(t) if ntk else None
 
-        if diag and (x2 is None or x2 is x1):
+        if diag and symmetric:
             return KernelState(cov=var1, var1=var1, var2=var1, ntk=zeros(var1),
                                diag=True, coincident=True)
-        symmetric = x2 is None or x2 is x1
-        if symmetric:
-            x2 = x1
-        else:
-            check_tensor(x2, "x2", min_ndim=2)
-            if x2.shape[-1] != d:
-                raise ValueError(f"x1 and x2 must have the same number of features (last "
-                                 f"dimension), got {d} and {x2.shape[-1]}")
-            if x2.dtype != x1.dtype:
-                raise TypeError(f"x1 and x2 must have the same dtype, got {x1.dtype} and "
-                                f"{x2.dtype}")
-        var2 = x2.pow(2).sum(-1) / d
+        var2 = var1 if symmetric else x2.pow(2).sum(-1) / d
         if diag:
             if x2.shape[-2] != x1.shape[-2]:
                 raise ValueError(f"diag=True pairs the rows of x1 and x2, so they must have the "
@@ -331,9 +362,45 @@ class NNGPKernelFn:
         for g in names:
             if g not in _GET:
                 raise ValueError(f"get must be 'nngp', 'ntk' or a tuple of them, got {get!r}")
-        state = self.apply(self.initial_state(x1, x2, diag=diag, ntk="ntk" in names))
-        out = tuple(state.cov if g == "nngp" else state.ntk for g in names)
+        if not diag and self._blockable and not self._needs_grad(x1, x2):
+            from ._blocked import blocked_kernel
+
+            x2, symmetric = _check_inputs(x1, x2)
+            outs = blocked_kernel(self.layers, x1, None if symmetric else x2, names)
+            out = tuple(outs[g] for g in names)
+        else:
+            state = self.apply(self.initial_state(x1, x2, diag=diag, ntk="ntk" in names))
+            out = tuple(state.cov if g == "nngp" else state.ntk for g in names)
         return out[0] if isinstance(get, str) else out
+
+    @property
+    def _blockable(self) -> bool:
+        # the layers whose in-place block forms are known to repeat their apply()
+        return all(type(layer) in (Dense, Relu, Erf) for layer in self.layers)
+
+    def _needs_grad(self, x1: Tensor, x2: Tensor | None) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        tensors = [x1, x2] + [t for layer in self.layers if isinstance(layer, Dense)
+                              for t in layer._tensors()]
+        return any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def _check_inputs(x1: Tensor, x2: Tensor | None) -> tuple[Tensor, bool]:
+    """Validate ``(x1, x2)``; returns ``(x2 or x1, symmetric)``."""
+    check_tensor(x1, "x1", min_ndim=2)
+    d = x1.shape[-1]
+    if d == 0:
+        raise ValueError("x1 must have at least one feature (last dimension), got 0")
+    if x2 is None or x2 is x1:
+        return x1, True
+    check_tensor(x2, "x2", min_ndim=2)
+    if x2.shape[-1] != d:
+        raise ValueError(f"x1 and x2 must have the same number of features (last "
+                         f"dimension), got {d} and {x2.shape[-1]}")
+    if x2.dtype != x1.dtype:
+        raise TypeError(f"x1 and x2 must have the same dtype, got {x1.dtype} and {x2.dtype}")
+    return x2, False
 
 
 def serial(*layers: Layer) -> NNGPKernelFn:

@@ -1,0 +1,115 @@
+r"""No-grad dense NNGP/NTK evaluation in place, in row blocks.
+
+Every layer is elementwise in (cross covariance, variance at x, variance at x'), so a
+row block of ``K(X, X')`` goes through the whole network on its own once the per-point
+variances of every layer (O(n) each) are known. :func:`blocked_kernel` writes
+:math:`K_0 = X X'^T / d` into the output (one matrix product, as the layer path does),
+then runs each block of rows through the layers in place (``Dense._block_``,
+``_Activation._block_cross_``), with two block-sized work buffers per activation.
+Peak memory is the output(s) plus a few blocks, instead of ~10 kernel-sized
+temporaries per activation, and the blocks stay in cache. The operations are those of
+the layer path, in the same order, so the values are bitwise the same.
+
+:func:`elementwise_kernel` is the plain composition of
+:func:`~pyro_dkm.kernels.nngp.relu_expectations` /
+:func:`~pyro_dkm.kernels.nngp.erf_expectations` (the dense path before the fused forms);
+tests and ``benchmarks/nngp_kernel.py`` compare against it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .nngp import KernelState, NNGPKernelFn, _Activation
+
+#: entries per row block (1 MiB in float64; measured best among 2^13..2^18 on one core)
+BLOCK_ENTRIES = 1 << 17
+
+
+def _layer_variances(layers, var: Tensor) -> list:
+    """The variance vector entering each activation (``None`` for other layers) and the
+    last layer's output variance."""
+    state = KernelState(cov=var, var1=var, var2=var, ntk=None, diag=True, coincident=True)
+    into = []
+    for layer in layers:
+        into.append(state.var1 if isinstance(layer, _Activation) else None)
+        state = layer.apply(state)
+    return into + [state.var1]
+
+
+def blocked_kernel(layers, x1: Tensor, x2: Tensor | None, names, *,
+                   block_entries: int = BLOCK_ENTRIES) -> dict[str, Tensor]:
+    """``{"nngp": K, "ntk": Theta}`` (those in ``names``) of ``serial(*layers)`` at
+    ``(x1, x2)`` (``x2=None``: ``K(x1, x1)`` with the exact diagonal), without autograd.
+
+    ``layers`` must be ``Dense``/``Relu``/``Erf``; inputs are assumed validated."""
+    symmetric = x2 is None
+    x2 = x1 if symmetric else x2
+    d = x1.shape[-1]
+    var1 = x1.pow(2).sum(-1) / d
+    vars1 = _layer_variances(layers, var1)
+    vars2 = vars1 if symmetric else _layer_variances(layers, x2.pow(2).sum(-1) / d)
+    batch = torch.broadcast_shapes(vars1[-1].shape[:-1], vars2[-1].shape[:-1])
+    dtype = torch.promote_types(vars1[-1].dtype, vars2[-1].dtype)
+    n1, n2 = x1.shape[-2], x2.shape[-2]
+    shape = batch + (n1, n2)
+    first = "nngp" if "nngp" in names else "ntk"
+    outs = {first: torch.empty(shape, dtype=dtype, device=x1.device)}
+    for g in names:
+        if g not in outs:
+            outs[g] = torch.empty(shape, dtype=dtype, device=x1.device)
+    # K_0 = x1 x2^T / d, computed whole (a row-blocked product may round differently)
+    k0 = outs[first]
+    mm_batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
+    if mm_batch == batch and x1.dtype == dtype:
+        torch.matmul(x1, x2.mT, out=k0)
+    else:
+        k0.copy_(x1 @ x2.mT)
+    k0.div_(d)
+    # exact diagonal values (value, dot) of each activation, for K(x1, x1)
+    diag_vals = [None if v is None or not symmetric else layer._diag(v)
+                 for layer, v in zip(layers, vars1)]
+    # blocks start at multiples of 64 entries of each n1 x n2 slice, so torch's vectorised
+    # loops (and their scalar tails, whose atan2 may differ by an ulp) line up with those of
+    # the whole-matrix layer path
+    align = 64 // math.gcd(n2, 64)
+    rows = max(1, block_entries // max(1, n2 * math.prod(batch)) // align) * align
+    for i0 in range(0, n1, rows):
+        i1 = min(n1, i0 + rows)
+        if "nngp" in names:
+            cov = outs["nngp"][..., i0:i1, :]
+        else:
+            cov = k0[..., i0:i1, :].clone()  # the NTK output holds K_0 until overwritten
+        ntk = outs["ntk"][..., i0:i1, :].zero_() if "ntk" in names else None
+        n_diag = max(0, min(i1, n2) - i0)  # diagonal entries (i, i) in this block
+        for layer, k11, k22, dv in zip(layers, vars1, vars2, diag_vals):
+            if k11 is None:
+                layer._block_(cov, ntk)
+                continue
+            dot = layer._block_cross_(cov, k11[..., i0:i1, None], k22[..., None, :],
+                                      ntk is not None)
+            if dv is not None and n_diag:
+                cov.diagonal(i0, -2, -1).copy_(dv[0][..., i0:i0 + n_diag])
+                if dot is not None:
+                    dot.diagonal(i0, -2, -1).copy_(dv[1][..., i0:i0 + n_diag])
+            if ntk is not None:
+                ntk.mul_(dot)
+    return outs
+
+
+def elementwise_kernel(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None = None, *,
+                       get="nngp", diag: bool = False):
+    """``kfn(x1, x2, get=get, diag=diag)`` through the plain elementwise closed forms
+    (the dense path before the fused and blocked forms): the reference."""
+    names = (get,) if isinstance(get, str) else tuple(get)
+    state = kfn.initial_state(x1, x2, diag=diag, ntk="ntk" in names)
+    for layer in kfn.layers:
+        if isinstance(layer, _Activation):
+            state = layer.apply_elementwise(state)
+        else:
+            state = layer.apply(state)
+    out = tuple(state.cov if g == "nngp" else state.ntk for g in names)
+    return out[0] if isinstance(get, str) else out
