@@ -88,37 +88,67 @@ class _ArcCosine(torch.autograd.Function):
         gc = grads[0]
         gd = grads[1] if ctx.with_dot else None
         need12, need11, need22 = ctx.needs_input_grad[:3]
-        d12 = d11 = d22 = None
         if gc is None and gd is None:
             return None, None, None, None
-        any_floored = bool(floored.any())
-        r = s * s + k12 * k12 if (need11 or need22 or any_floored) else None
+        # the unfloored formulas everywhere, in place in two kernel-sized buffers ...
+        d12 = a = None
         if need12:
-            g = gc * dot if gc is not None else None
+            d12 = gc * dot if gc is not None else None
             if gd is not None:
-                h = gd / s
-                if any_floored:
-                    h = torch.where(floored, gd * s / r, h)
-                h = h / _TWO_PI
-                g = h if g is None else g + h
-            if gc is not None and any_floored:
-                g = g + torch.where(floored, gc * k12 * s / r / _TWO_PI, 0.0)
-            d12 = g.sum_to_size(k12.shape)
+                h = torch.div(gd, s).div_(_TWO_PI)  # 1 / (2 pi s)
+                d12 = h if d12 is None else d12.add_(h)
         if need11 or need22:
-            q = gc * s if gc is not None else None
+            r = torch.mul(s, s).addcmul_(k12, k12)  # s^2 + k12^2
+            a = gc * s if gc is not None else None
             if gd is not None:
-                q2 = gd * k12 / s
-                q = -q2 if q is None else q - q2
-            a = q / r / (2 * _TWO_PI)
-            if any_floored:
+                q = torch.mul(gd, k12).div_(s)
+                a = q.neg_() if a is None else a.sub_(q)
+            a = a.div_(r).div_(2 * _TWO_PI)  # (gc s - gd k12 / s) / (4 pi r)
+            del r
+        # ... then the few floored entries (duplicated points, the diagonal) fixed up
+        if bool(floored.any()):
+            idx = floored.nonzero(as_tuple=True)
+            shape = s.shape
+            sf, kf = s[idx], k12.expand(shape)[idx]
+            rf = sf * sf + kf * kf
+            gcf = None if gc is None else gc.expand(shape)[idx]
+            gdf = None if gd is None else gd.expand(shape)[idx]
+            if need12:
+                v = 0
+                if gcf is not None:
+                    v = gcf * (dot[idx] + kf * sf / rf / _TWO_PI)
+                if gdf is not None:
+                    v = v + gdf * sf / rf / _TWO_PI
+                d12[idx] = v
+            if a is not None:
                 finfo = torch.finfo(k12.dtype)
-                c_fl = torch.where(k11 * k22 * finfo.eps > finfo.tiny, finfo.eps, 0.0)
-                a = torch.where(floored, a * c_fl, a)
-            if need11:
-                d11 = (a * k22).sum_to_size(k11.shape)
-            if need22:
-                d22 = (a * k11).sum_to_size(k22.shape)
+                prod = k11.expand(shape)[idx] * k22.expand(shape)[idx]
+                c_fl = torch.where(prod * finfo.eps > finfo.tiny, finfo.eps, 0.0)
+                v = 0
+                if gcf is not None:
+                    v = gcf * sf
+                if gdf is not None:
+                    v = v - gdf * kf / sf
+                a[idx] = c_fl * v / rf / (2 * _TWO_PI)
+        d11 = d22 = None
+        if need12:
+            d12 = d12.sum_to_size(k12.shape)
+        if need11:
+            d11 = _reduce_times(a, k22, k11.shape)
+        if need22:
+            d22 = _reduce_times(a, k11, k22.shape)
         return d12, d11, d22, None
+
+
+def _reduce_times(a: Tensor, v: Tensor, shape) -> Tensor:
+    """``(a * v).sum_to_size(shape)``, as a matrix product when ``v`` is a row ``(..., 1, M)``
+    and ``shape`` a column ``(..., T, 1)`` or the other way round (the kernel layout)."""
+    if a.dim() >= 2 and v.dim() == a.dim() and len(shape) == a.dim():
+        if v.shape[-2] == 1 and shape[-1] == 1 and shape[-2] == a.shape[-2]:
+            return (a @ v.mT).sum_to_size(shape)
+        if v.shape[-1] == 1 and shape[-2] == 1 and shape[-1] == a.shape[-1]:
+            return (v.mT @ a).sum_to_size(shape)
+    return (a * v).sum_to_size(shape)
 
 
 def _as_like(t, k12: Tensor) -> Tensor:
