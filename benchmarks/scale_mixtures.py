@@ -11,7 +11,16 @@ All regression models share y | s ~ N(0, s (alpha K + noise I)) with an NNGP ker
 (ReLU network, ``--depth`` hidden layers): GP (s = 1, alpha fitted), GP (s = 1) with
 alpha = 1 fixed (the paper's baseline, last-layer variance fixed), Student-t
 (s ~ InvGamma(a, b), closed form, alpha = 1), Burr XII (s ~ BurrXII(c, k, 1), alpha
-fitted, posterior over s by quadrature).
+fitted, posterior over s by quadrature). Two models with Student-t *noise* (per-observation
+inverse-gamma noise scales lam_i ~ InvGamma(nu/2, nu/2), ``pyro_dkm.processes.robust``,
+variational EM): ``GP + t-noise`` (f ~ GP(0, alpha K); alpha, noise, nu fitted) and
+``Student-t + t-noise`` (global s ~ InvGamma(a, b) as well, scaling kernel and noise, with
+the weak prior (a, b) = ``--robust-t-prior`` fixed: maximising the bound over (a, b) sends
+q(s) to a point mass, i.e. back to ``GP + t-noise``; noise, nu fitted). They maximise the
+variational lower bound instead of log p(y); their kernel is chosen by the bound after
+``--robust-select-iters`` sweeps per grid point (the Student-t one warm-started from the GP
+one's q(lam)), then the chosen one is run on to convergence (at most ``--robust-iters``
+sweeps, tolerance ``--robust-tol`` nats per point).
 Per split and model, the kernel's weight/bias variances are chosen from a small grid
 (``--weight-vars`` x ``--bias-vars``, one eigendecomposition each, shared by the models)
 and the model's own (scale, noise) parameters are fitted by L-BFGS on its exact log
@@ -54,6 +63,7 @@ from pyro_dkm.processes import (  # noqa: E402
     scale_posterior_importance,
     scale_posterior_quadrature,
 )
+from pyro_dkm.processes.robust import robust_vb  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -62,6 +72,7 @@ except ImportError:  # pragma: no cover
         return x
 
 MODELS = ("NNGP-GP", "NNGP-GP (s=1)", "Student-t", "Burr XII")
+ROBUST = ("GP + t-noise", "Student-t + t-noise")
 VARIANTS = ("standard", "shifted", "cauchy")
 
 
@@ -82,6 +93,15 @@ def parse(argv=None):
     p.add_argument("--shift-frac", type=float, default=0.1)
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     p.add_argument("--no-is-comparison", action="store_true")
+    p.add_argument("--no-robust", action="store_true", help="skip the Student-t noise models")
+    p.add_argument("--robust-select-iters", type=int, default=3,
+                   help="variational EM sweeps per kernel grid point for the t-noise models")
+    p.add_argument("--robust-iters", type=int, default=40,
+                   help="at most this many further sweeps at the chosen grid point")
+    p.add_argument("--robust-tol", type=float, default=1e-5,
+                   help="stop when the bound changes by less than this per point")
+    p.add_argument("--robust-t-prior", type=floats, default=[2.0, 2.0],
+                   help="(a, b) of the global scale of 'Student-t + t-noise'")
     p.add_argument("--no-digits", action="store_true", help="skip (c) digits classification")
     try:
         from _digits import add_digits_args
@@ -93,6 +113,7 @@ def parse(argv=None):
         args.splits = 1
         args.max_train = 300
         args.weight_vars, args.bias_vars = [2.0], [0.1]
+        args.robust_select_iters, args.robust_iters = 3, 10
         if args.datasets is None:
             args.datasets = ["yacht"]
     for v in args.variants:
@@ -192,9 +213,39 @@ def predict(name, params, sp, Ks, kss, burr, method="quadrature", **kw):
                               (var + noise).unsqueeze(-1) * post.scales), post
 
 
+def fit_robust(K, y, sp, args, t_fit):
+    """Both t-noise models on one kernel, ``--robust-select-iters`` variational EM sweeps
+    each; the Student-t one starts from the GP one's q(lam), nu and effective noise."""
+    sweeps, tol = args.robust_select_iters, args.robust_tol
+    t0 = time.perf_counter()
+    gp = robust_vb(K, y, noise=0.1, df=4.0, amplitude=1.0, max_iter=sweeps, tol=tol,
+                   spectral0=sp)
+    t_fit["GP + t-noise"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    a, b = args.robust_t_prior
+    n = len(y)
+    c = (b + 0.5 * float(sp.stats(1.0, gp.params["noise"])[0])) / (a + 0.5 * n)
+    tp = robust_vb(K, y, process="student_t", concentration=a, rate=b, u0=gp.u,
+                   noise=gp.params["noise"] / max(c, 1e-12), df=gp.params["df"],
+                   max_iter=sweeps, tol=tol)
+    t_fit["Student-t + t-noise"] += time.perf_counter() - t0
+    return {"GP + t-noise": gp, "Student-t + t-noise": tp}
+
+
+def continue_robust(fit, K, y, args):
+    if fit.converged:
+        return fit
+    p = fit.params
+    kw = dict(amplitude=p["amplitude"]) if fit.process == "gp" else dict(
+        concentration=p["concentration"], rate=p["rate"])
+    return robust_vb(K, y, process=fit.process, noise=p["noise"], df=p["df"], u0=fit.u,
+                     max_iter=args.robust_iters, tol=args.robust_tol, **kw)
+
+
 def metrics(pred, yte, mu, sd):
     nll = float(-pred.log_prob((yte - mu) / sd).mean()) + math.log(sd)
-    rmse = float(((pred.mean * sd + mu - yte) ** 2).mean().sqrt())
+    point = getattr(pred, "loc", pred.mean)  # t-noise with nu <= 1 has no mean: its centre
+    rmse = float(((point * sd + mu - yte) ** 2).mean().sqrt())
     return nll, rmse
 
 
@@ -203,12 +254,14 @@ def run_split(X, y, folder, k, variant, args, burr):
     rng = np.random.default_rng(args.seed + 1000 * k + VARIANTS.index(variant))
     Xtr, ytr, Xte, yte, mu, sd = make_split(X, y, folder, k, variant, args, rng)
     best = {}
-    t_fit = {m: 0.0 for m in MODELS}
+    models = MODELS if args.no_robust else MODELS + ROBUST
+    t_fit = {m: 0.0 for m in models}
     for wv in args.weight_vars:
         for bv in args.bias_vars:
             kfn = nngp(args.depth, wv, bv)
             t0 = time.perf_counter()
-            sp = SpectralProblem(kfn(Xtr), ytr)
+            K = kfn(Xtr)
+            sp = SpectralProblem(K, ytr)
             t_eig = time.perf_counter() - t0
             for m in MODELS:
                 t0 = time.perf_counter()
@@ -216,11 +269,22 @@ def run_split(X, y, folder, k, variant, args, burr):
                 t_fit[m] += time.perf_counter() - t0 + t_eig
                 if m not in best or lm > best[m][1]:
                     best[m] = (params, lm, kfn, sp)
+            if not args.no_robust:
+                for m, fit in fit_robust(K, ytr, sp, args, t_fit).items():
+                    if m not in best or fit.elbo > best[m][1]:
+                        best[m] = (fit, fit.elbo, kfn, K)
+    if not args.no_robust:  # continue the chosen grid point to convergence
+        for m in ROBUST:
+            fit, _, kfn, K = best[m]
+            t0 = time.perf_counter()
+            fit = continue_robust(fit, K, ytr, args)
+            t_fit[m] += time.perf_counter() - t0
+            best[m] = (fit, fit.elbo, kfn, K)
     out = {}
-    for m in MODELS:
+    for m in models:
         params, lm, kfn, sp = best[m]
         Ks, kss = kfn(Xtr, Xte), kfn(Xte, diag=True)
-        pred = predict(m, params, sp, Ks, kss, burr)
+        pred = params.predict(Ks, kss) if m in ROBUST else predict(m, params, sp, Ks, kss, burr)
         if isinstance(pred, tuple):
             pred = pred[0]
         nll, rmse = metrics(pred, yte, mu, sd)
@@ -328,8 +392,13 @@ def main(argv=None) -> int:
                         for d in dss)
         fixed = sum(get[(d, "Student-t", "test NLL")] < get[(d, "NNGP-GP (s=1)", "test NLL")]
                     for d in dss)
-        lines.append(f"{variant}: Student-t < GP on {wins}/{len(dss)}, Burr < GP on "
-                     f"{burr_wins}/{len(dss)}, Student-t < GP (s=1) on {fixed}/{len(dss)}")
+        line = (f"{variant}: Student-t < GP on {wins}/{len(dss)}, Burr < GP on "
+                f"{burr_wins}/{len(dss)}, Student-t < GP (s=1) on {fixed}/{len(dss)}")
+        if not args.no_robust:
+            for m, short in (("GP + t-noise", "GP+t"), ("Student-t + t-noise", "Student-t+t")):
+                k = sum(get[(d, m, "test NLL")] < get[(d, "NNGP-GP", "test NLL")] for d in dss)
+                line += f", {short} < GP on {k}/{len(dss)}"
+        lines.append(line)
     closing = "Test NLL wins vs NNGP-GP -- " + "; ".join(lines)
     if is_rows:
         g = {(r["dataset"], r["model"], r["metric"]): r["mean"] for r in is_rows}

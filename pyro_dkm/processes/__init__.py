@@ -7,6 +7,8 @@ See ``docs/processes.md``.
 * :class:`ScaleMixture` -- any positive scale prior (``log_prob`` by quadrature);
 * :class:`StudentTProcessRegression`, :class:`ScaleMixtureRegression`,
   :class:`GaussianProcessRegression` -- exact regression, :func:`fit`;
+* :class:`RobustRegression`, :func:`robust_vb` -- Student-t *noise* (per-observation
+  inverse-gamma scales) under a GP / Student-t process prior, variational EM;
 * :class:`BurrXII`, quadrature / importance-sampling posteriors over the scale,
   :class:`SpectralProblem` (one eigendecomposition, O(n) per hyper-parameter step).
 """
@@ -18,6 +20,13 @@ from .regression import (
     ScaleMixtureRegression,
     StudentTProcessRegression,
     fit,
+)
+from .robust import (
+    RobustFit,
+    RobustRegression,
+    StudentTNoisePredictive,
+    robust_bound,
+    robust_vb,
 )
 from .scale_mixture import (
     GaussianScaleLikelihood,
@@ -60,6 +69,11 @@ __all__ = [
     "fit",
     "SpectralProblem",
     "maximise_positive",
+    "RobustFit",
+    "RobustRegression",
+    "StudentTNoisePredictive",
+    "robust_bound",
+    "robust_vb",
 ]
 
 # The classification and GPyTorch modules are imported lazily on first attribute access
