@@ -27,7 +27,8 @@ def test_scale_mixtures_benchmark_quick(tmp_path):
     assert "Test NLL wins vs NNGP-GP" in res.stdout.splitlines()[-1]
     rows = json.loads(out.read_text())["rows"]
     models = {r["model"] for r in rows if r["metric"] == "test NLL"}
-    assert models == {"NNGP-GP", "NNGP-GP (s=1)", "Student-t", "Burr XII"}
+    assert models == {"NNGP-GP", "NNGP-GP (s=1)", "Student-t", "Burr XII", "GP + t-noise",
+                      "Student-t + t-noise"}
     datasets = {r["dataset"] for r in rows if r["metric"] == "test NLL"}
     assert datasets == {"yacht/standard", "yacht/shifted", "yacht/cauchy"}
     assert all(math.isfinite(r["mean"]) for r in rows)
@@ -35,6 +36,7 @@ def test_scale_mixtures_benchmark_quick(tmp_path):
     nll = [r["mean"] for r in rows
            if r["dataset"] == "yacht/standard" and r["metric"] == "test NLL"]
     assert all(-2 < v < 4 for v in nll)
+    assert "GP+t < GP on" in res.stdout.splitlines()[-1]
     # the high-order quadrature is (near) exact against its own reference
     quad = [r["mean"] for r in rows if r["model"] == "quadrature (128 nodes)"
             and r["metric"] == "mean log pred. abs. error"]
