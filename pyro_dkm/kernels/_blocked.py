@@ -25,8 +25,10 @@ from torch import Tensor
 
 from .nngp import KernelState, NNGPKernelFn, _Activation
 
-#: entries per row block (1 MiB in float64; measured best among 2^13..2^18 on one core)
+#: entries per row block on CPU (1 MiB in float64; measured best among 2^13..2^18 on one
+#: core); on a GPU blocks are larger, so kernel launches stay few
 BLOCK_ENTRIES = 1 << 17
+BLOCK_ENTRIES_GPU = 1 << 24
 
 
 def _layer_variances(layers, var: Tensor) -> list:
@@ -41,11 +43,15 @@ def _layer_variances(layers, var: Tensor) -> list:
 
 
 def blocked_kernel(layers, x1: Tensor, x2: Tensor | None, names, *,
-                   block_entries: int = BLOCK_ENTRIES) -> dict[str, Tensor]:
+                   block_entries: int | None = None) -> dict[str, Tensor]:
     """``{"nngp": K, "ntk": Theta}`` (those in ``names``) of ``serial(*layers)`` at
     ``(x1, x2)`` (``x2=None``: ``K(x1, x1)`` with the exact diagonal), without autograd.
 
-    ``layers`` must be ``Dense``/``Relu``/``Erf``; inputs are assumed validated."""
+    ``layers`` must be ``Dense``/``Relu``/``Erf``; inputs are assumed validated.
+    ``block_entries``: entries per row block (default :data:`BLOCK_ENTRIES` on CPU,
+    :data:`BLOCK_ENTRIES_GPU` otherwise)."""
+    if block_entries is None:
+        block_entries = BLOCK_ENTRIES if x1.device.type == "cpu" else BLOCK_ENTRIES_GPU
     symmetric = x2 is None
     x2 = x1 if symmetric else x2
     d = x1.shape[-1]

@@ -236,3 +236,17 @@ def test_dispatch_blocked_only_without_grad(monkeypatch):
 
     serial(Dense(1.5, 0.1), Identity(), Relu())(x)
     assert calls == [1, 1]
+
+
+def test_float32_equals_elementwise_composition():
+    # float32 inputs (clamp margins and s^2 floor at float32's eps) through both paths
+    kfn = networks()["mixed3"]
+    x = points(20).float()
+    ref = elementwise_kernel(kfn, x, get=("nngp", "ntk"))
+    with torch.no_grad():
+        got = kfn(x, get=("nngp", "ntk"))
+    fused = kfn(x.clone().requires_grad_(), get=("nngp", "ntk"))
+    for r, g, f in zip(ref, got, fused):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(f.detach(), r, rtol=1e-6, atol=1e-6)
