@@ -22,8 +22,9 @@ import math
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from .nngp import KernelState, NNGPKernelFn, _Activation
+from .nngp import Dense, KernelState, NNGPKernelFn, _Activation
 
 #: entries per row block on CPU (1 MiB in float64; measured best among 2^13..2^18 on one
 #: core); on a GPU blocks are larger, so kernel launches stay few
@@ -119,3 +120,105 @@ def elementwise_kernel(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None = None, 
             state = layer.apply(state)
     out = tuple(state.cov if g == "nngp" else state.ntk for g in names)
     return out[0] if isinstance(get, str) else out
+
+
+#: entries per row block when recomputing blocks with autograd (bigger blocks: the
+#: per-block Python and graph overhead is larger there)
+GRAD_BLOCK_ENTRIES = 1 << 18
+
+
+def _substitute(layers, leaves):
+    """Copies of ``layers`` whose tensor hyper-parameters are the next ``leaves``."""
+    it = iter(leaves)
+    out = []
+    for layer in layers:
+        if isinstance(layer, Dense):
+            new = Dense.__new__(Dense)  # the values were validated when the layer was built
+            new.weight_var = next(it) if isinstance(layer.weight_var, Tensor) else layer.weight_var
+            new.bias_var = next(it) if isinstance(layer.bias_var, Tensor) else layer.bias_var
+            layer = new
+        out.append(layer)
+    return out
+
+
+def _block_states(layers, rows: Tensor, cols: Tensor, i0: int, symmetric: bool, ntk: bool):
+    """The layer path on one row block (autograd records it)."""
+    d = rows.shape[-1]
+    cov = rows @ cols.mT / d
+    state = KernelState(cov=cov, var1=rows.pow(2).sum(-1) / d, var2=cols.pow(2).sum(-1) / d,
+                        ntk=torch.zeros_like(cov) if ntk else None, symmetric=symmetric,
+                        diag_offset=i0)
+    for layer in layers:
+        state = layer.apply(state)
+    return state
+
+
+class _Checkpointed(torch.autograd.Function):
+    """``blocked_kernel`` forward; the backward recomputes each row block with autograd
+    (the layer path, fused ReLU) and back-propagates it, so memory stays ~ the outputs."""
+
+    @staticmethod
+    def forward(ctx, layers, names, x1, x2, *params):
+        outs = blocked_kernel(layers, x1, x2, names)
+        ctx.layers, ctx.names = layers, names
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x1, x2, *params)
+        return tuple(outs[g] for g in names)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        x1, x2, *params = ctx.saved_tensors
+        need_x1, need_x2 = ctx.needs_input_grad[2:4]
+        need_p = ctx.needs_input_grad[4:]
+        used = [(g, out) for g, out in zip(grads, ctx.names) if g is not None]
+        if not used:
+            return (None,) * (4 + len(params))
+        symmetric = x2 is None
+        leaves = [p.detach().requires_grad_(n) for p, n in zip(params, need_p)]
+        layers = _substitute(ctx.layers, leaves)
+        cols = (x1 if symmetric else x2).detach().requires_grad_(
+            need_x1 if symmetric else need_x2)
+        gx1 = torch.zeros_like(x1) if need_x1 else None
+        gcols = None
+        gps = [None] * len(params)
+        n1, n2 = x1.shape[-2], cols.shape[-2]
+        batch_numel = math.prod(used[0][0].shape[:-2])
+        rows_per = max(1, GRAD_BLOCK_ENTRIES // max(1, n2 * batch_numel))
+        ntk = any(name == "ntk" for _, name in used)
+        for i0 in range(0, n1, rows_per):
+            i1 = min(n1, i0 + rows_per)
+            rows = x1[..., i0:i1, :].detach().requires_grad_(need_x1)
+            with torch.enable_grad():
+                state = _block_states(layers, rows, cols, i0, symmetric, ntk)
+            outs = [state.cov if name == "nngp" else state.ntk for _, name in used]
+            gouts = [g[..., i0:i1, :] for g, _ in used]
+            wrt = [t for t in [rows, cols, *leaves] if t.requires_grad]
+            got = iter(torch.autograd.grad(outs, wrt, gouts, allow_unused=True))
+            if rows.requires_grad:
+                g = next(got)
+                if g is not None:
+                    gx1[..., i0:i1, :] += g
+            if cols.requires_grad:
+                g = next(got)
+                if g is not None:
+                    gcols = g if gcols is None else gcols + g
+            for k, leaf in enumerate(leaves):
+                if leaf.requires_grad:
+                    g = next(got)
+                    if g is not None:
+                        gps[k] = g if gps[k] is None else gps[k] + g
+        gx2 = None
+        if symmetric and need_x1 and gcols is not None:
+            gx1 += gcols
+        elif not symmetric and need_x2:
+            gx2 = gcols if gcols is not None else torch.zeros_like(x2)
+        return (None, None, gx1, gx2, *gps)
+
+
+def checkpointed_kernel(layers, x1: Tensor, x2: Tensor | None, names) -> tuple[Tensor, ...]:
+    """``blocked_kernel`` with gradients: the outputs are differentiable w.r.t. ``x1``,
+    ``x2`` and the layers' tensor hyper-parameters; the backward recomputes row blocks
+    (about one forward more) instead of keeping ~10 kernel-sized tensors per activation."""
+    params = [t for layer in layers if isinstance(layer, Dense) for t in layer._tensors()]
+    return _Checkpointed.apply(layers, tuple(names), x1, x2, *params)

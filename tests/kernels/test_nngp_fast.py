@@ -250,3 +250,78 @@ def test_float32_equals_elementwise_composition():
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(f.detach(), r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_checkpointed_gradients_equal_layer_path(cross, monkeypatch):
+    # large kernels with gradients: blocked forward, blocks recomputed in the backward
+    # (forced here by a tiny threshold and 200-entry blocks); values bitwise those of the
+    # layer path, gradients (x1, x2, batched weight variance, bias variance) to rounding
+    import pyro_dkm.kernels._blocked as blocked
+    import pyro_dkm.kernels.nngp as nngp
+
+    g = torch.Generator().manual_seed(8)
+    x1 = torch.randn(2, 30, 3, generator=g, dtype=F64)
+    x1[:, 7] = -0.5 * x1[:, 2]
+    x2 = torch.randn(25, 3, generator=g, dtype=F64) if cross else None
+    w, b = torch.tensor([1.3, 2.0], dtype=F64), torch.tensor(0.2, dtype=F64)
+    n2 = 25 if cross else 30
+    weights = [torch.randn(2, 30, n2, generator=g, dtype=F64) for _ in range(2)]
+
+    def kfn_of(w, b):
+        return serial(Dense(w, b), Relu(), Dense(w, 0.1), Erf(), Dense(1.0, b), Relu(),
+                      Dense(w, 0.05))
+
+    calls = []
+    orig = blocked.checkpointed_kernel
+    monkeypatch.setattr(blocked, "checkpointed_kernel",
+                        lambda *a, **k: calls.append(1) or orig(*a, **k))
+    monkeypatch.setattr(blocked, "GRAD_BLOCK_ENTRIES", 200)
+    for get in ("nngp", "ntk", ("nngp", "ntk")):
+        call = lambda k, a, c, gt: k(a, c, get=gt)  # noqa: E731
+        monkeypatch.setattr(nngp, "CHECKPOINT_MIN_ENTRIES", 1)
+        ck = _grads(call, kfn_of, x1, x2, w, b, get, weights)
+        monkeypatch.setattr(nngp, "CHECKPOINT_MIN_ENTRIES", 10**12)
+        layer = _grads(call, kfn_of, x1, x2, w, b, get, weights)
+        for a, r in zip(ck, layer):
+            torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12 * r.abs().max())
+    assert len(calls) == 3
+
+
+def test_checkpointed_gradcheck(monkeypatch):
+    import pyro_dkm.kernels._blocked as blocked
+
+    monkeypatch.setattr(blocked, "GRAD_BLOCK_ENTRIES", 8)
+    g = torch.Generator().manual_seed(9)
+    x1 = torch.randn(5, 3, generator=g, dtype=F64, requires_grad=True)
+    x2 = torch.randn(4, 3, generator=g, dtype=F64, requires_grad=True)
+    w = torch.tensor(1.4, dtype=F64, requires_grad=True)
+
+    def f(x1, x2, w):
+        layers = serial(Dense(w, 0.1), Relu(), Dense(w, w), Erf(), Dense(1.0, 0.0)).layers
+        return (*blocked.checkpointed_kernel(layers, x1, x2, ("nngp", "ntk")),
+                *blocked.checkpointed_kernel(layers, x1, None, ("nngp", "ntk")))
+
+    assert torch.autograd.gradcheck(f, (x1, x2, w))
+
+
+def test_unfused_activations_allow_higher_derivatives(monkeypatch):
+    # Relu(fused=False) / Erf(fused=False): plain autograd (no checkpointing even above the
+    # threshold), so create_graph works; same values
+    import pyro_dkm.kernels.nngp as nngp
+
+    monkeypatch.setattr(nngp, "CHECKPOINT_MIN_ENTRIES", 1)
+    x = points().requires_grad_()
+    plain = serial(Dense(1.5, 0.1), Relu(fused=False), Dense(1.5, 0.1), Erf(fused=False))
+    fused = serial(Dense(1.5, 0.1), Relu(), Dense(1.5, 0.1), Erf())
+    K = plain(x, get="ntk")
+    torch.testing.assert_close(K, fused(x, get="ntk"), rtol=1e-13, atol=1e-13)
+    (gx,) = torch.autograd.grad(K.sum(), x, create_graph=True)
+    (hx,) = torch.autograd.grad(gx.sum(), x)
+    assert torch.isfinite(hx).all()
+    (gx,) = torch.autograd.grad(fused(x, get="ntk").sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gx.sum(), x)
+    assert repr(Relu(fused=False)) == "Relu(fused=False)" and repr(Erf()) == "Erf()"
+    with pytest.raises(TypeError, match="fused must be a bool"):
+        Relu(fused=1)
