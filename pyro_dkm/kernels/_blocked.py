@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ._fused import broadcast_shape
 from .nngp import Dense, KernelState, NNGPKernelFn, _Activation
 
 #: entries per row block on CPU (1 MiB in float64; measured best among 2^13..2^18 on one
@@ -59,7 +60,7 @@ def blocked_kernel(layers, x1: Tensor, x2: Tensor | None, names, *,
     var1 = x1.pow(2).sum(-1) / d
     vars1 = _layer_variances(layers, var1)
     vars2 = vars1 if symmetric else _layer_variances(layers, x2.pow(2).sum(-1) / d)
-    batch = torch.broadcast_shapes(vars1[-1].shape[:-1], vars2[-1].shape[:-1])
+    batch = broadcast_shape(vars1[-1].shape[:-1], vars2[-1].shape[:-1])
     dtype = torch.promote_types(vars1[-1].dtype, vars2[-1].dtype)
     n1, n2 = x1.shape[-2], x2.shape[-2]
     shape = batch + (n1, n2)
@@ -70,7 +71,7 @@ def blocked_kernel(layers, x1: Tensor, x2: Tensor | None, names, *,
             outs[g] = torch.empty(shape, dtype=dtype, device=x1.device)
     # K_0 = x1 x2^T / d, computed whole (a row-blocked product may round differently)
     k0 = outs[first]
-    mm_batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
+    mm_batch = broadcast_shape(x1.shape[:-2], x2.shape[:-2])
     if mm_batch == batch and x1.dtype == dtype:
         torch.matmul(x1, x2.mT, out=k0)
     else:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..linalg import check_tensor
-from ._fused import erf_block_, relu_block_, relu_cov_dot
+from ._fused import broadcast_shape, erf_block_, relu_block_, relu_cov_dot
 
 __all__ = [
     "KernelState",
@@ -430,7 +430,7 @@ class NNGPKernelFn:
             return False  # let the layer path raise its errors
         if x1.dim() < 2 or x2.dim() < 2 or x1.shape[-1] != x2.shape[-1]:
             return False
-        batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
+        batch = broadcast_shape(x1.shape[:-2], x2.shape[:-2])
         return math.prod(batch) * x1.shape[-2] * x2.shape[-2] >= CHECKPOINT_MIN_ENTRIES
 
     def _needs_grad(self, x1: Tensor, x2: Tensor | None) -> bool:

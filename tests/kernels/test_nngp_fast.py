@@ -325,3 +325,13 @@ def test_unfused_activations_allow_higher_derivatives(monkeypatch):
     assert repr(Relu(fused=False)) == "Relu(fused=False)" and repr(Erf()) == "Erf()"
     with pytest.raises(TypeError, match="fused must be a bool"):
         Relu(fused=1)
+
+
+def test_broadcast_shape_matches_torch():
+    from pyro_dkm.kernels._fused import broadcast_shape
+
+    for shapes in [((2, 1, 3), (4, 3)), ((), (5,)), ((1,), (3, 1)), ((0, 1), (1, 4)),
+                   ((3, 1, 1), (7, 1), (1, 5))]:
+        assert broadcast_shape(*shapes) == torch.broadcast_shapes(*shapes)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        broadcast_shape((2, 3), (4, 3))
