@@ -7,6 +7,7 @@ under autograd, keep most of them for the backward pass. Here:
 
 * :class:`_ArcCosine` is one autograd node returning the ReLU ``cov`` (and ``dot``)
   with a hand-derived backward; it saves ``s``, ``dot`` and a boolean mask only;
+  :class:`_ErfCovDot` likewise for erf (saves ``u``, ``dot`` and the clamp mask);
 * :func:`relu_block_` / :func:`erf_block_` overwrite their ``k12`` argument with the
   covariance, in two work buffers, for the no-grad blocked evaluation.
 
@@ -213,3 +214,67 @@ def erf_block_(k12: Tensor, k11: Tensor, k22: Tensor, need_dot: bool, eps: float
         dot = w.reciprocal_().mul_(4 / math.pi)  # torch's (4 / pi) / w
     s.asin_().mul_(2 / math.pi)
     return dot
+
+
+class _ErfCovDot(torch.autograd.Function):
+    r"""Erf ``(cov, dot)`` as one autograd node (the operations of ``erf_expectations``).
+
+    With :math:`a = (1+2k_{11})(1+2k_{22})`, :math:`q = 2k_{12}/\sqrt a`, :math:`u` = ``q``
+    clamped to :math:`\pm(1-\epsilon)` (mask :math:`m` where it is not), ``cov`` =
+    :math:`\frac2\pi\arcsin u`, ``dot`` = :math:`\frac4\pi(a(1-u^2))^{-1/2}`:
+    :math:`G_u = g_c \frac{2/\pi}{\sqrt{1-u^2}} + g_d\,\frac{dot\,u}{1-u^2}`,
+    :math:`\partial/\partial k_{12} = 2 m G_u/\sqrt a`,
+    :math:`G_a = -(g_d\,dot + m G_u u)/(2a)`, :math:`\partial/\partial k_{11} =
+    2(1+2k_{22}) G_a`.
+    """
+
+    @staticmethod
+    def forward(ctx, k12, k11, k22, eps):
+        a = (1 + 2 * k11) * (1 + 2 * k22)
+        sa = a.sqrt()
+        q = 2 * k12 / sa
+        inside = (q >= -1 + eps) & (q <= 1 - eps)
+        u = q.clamp_(-1 + eps, 1 - eps)
+        cov = (2 / math.pi) * torch.asin(u)
+        dot = (4 / math.pi) / (a * (1 - u * u)).sqrt()
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(k12, k11, k22, u, dot, inside)
+        return cov, dot
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gc, gd):
+        k12, k11, k22, u, dot, inside = ctx.saved_tensors
+        need12, need11, need22 = ctx.needs_input_grad[:3]
+        if gc is None and gd is None:
+            return None, None, None, None
+        one_m = torch.mul(u, u).neg_().add_(1)  # 1 - u^2
+        gu = None
+        if gc is not None:
+            gu = one_m.sqrt().reciprocal_().mul_(2 / math.pi).mul_(gc)
+        if gd is not None:
+            h = torch.mul(dot, u).div_(one_m).mul_(gd)
+            gu = h if gu is None else gu.add_(h)
+        del one_m
+        gu = gu.mul_(inside)  # the clamp passes gradients only inside its range
+        c11, c22 = 1 + 2 * k11, 1 + 2 * k22
+        a = c11 * c22
+        d12 = d11 = d22 = None
+        if need12:
+            d12 = (2 * gu / a.sqrt()).sum_to_size(k12.shape)
+        if need11 or need22:
+            ga = gu.mul_(u)  # m G_u u (gu is not needed any more)
+            if gd is not None:
+                ga = ga.addcmul_(gd, dot)
+            ga = ga.div_(a).mul_(-0.5)
+            if need11:
+                d11 = _reduce_times(ga, 2 * c22, k11.shape)
+            if need22:
+                d22 = _reduce_times(ga, 2 * c11, k22.shape)
+        return d12, d11, d22, None
+
+
+def erf_cov_dot(k12: Tensor, k11: Tensor, k22: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``erf_expectations(k12, k11, k22)`` (bitwise the same ``(cov, dot)``) as one autograd
+    node with a hand-derived backward; ``eps`` is the clamp margin (``clamp_eps``)."""
+    return _ErfCovDot.apply(k12, _as_like(k11, k12), _as_like(k22, k12), eps)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..linalg import check_tensor
-from ._fused import broadcast_shape, erf_block_, relu_block_, relu_cov_dot
+from ._fused import broadcast_shape, erf_block_, erf_cov_dot, relu_block_, relu_cov_dot
 
 __all__ = [
     "KernelState",
@@ -316,15 +316,18 @@ class Erf(_Activation):
     """Error-function activation (Williams' closed form).
 
     Args:
-        fused: with gradients, let large kernels be recomputed blockwise in the backward
-            pass (differentiable once); ``fused=False`` keeps plain autograd (higher
-            derivatives). Values are the same.
+        fused: as for :class:`Relu`: one autograd node with a hand-derived backward, and
+            large kernels recomputed blockwise in the backward pass (differentiable once);
+            ``fused=False`` keeps plain autograd (higher derivatives). Values are the same.
     """
 
     def _cross(self, k12, k11, k22):
-        return erf_expectations(k12, k11, k22)
+        if not self.fused:
+            return erf_expectations(k12, k11, k22)
+        return erf_cov_dot(k12, k11, k22, clamp_eps(k12.dtype))
 
-    _cross_elementwise = _cross
+    def _cross_elementwise(self, k12, k11, k22):
+        return erf_expectations(k12, k11, k22)
 
     def _block_cross_(self, k12, k11, k22, need_dot):
         return erf_block_(k12, k11, k22, need_dot, clamp_eps(k12.dtype))

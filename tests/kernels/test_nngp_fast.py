@@ -335,3 +335,34 @@ def test_broadcast_shape_matches_torch():
         assert broadcast_shape(*shapes) == torch.broadcast_shapes(*shapes)
     with pytest.raises(ValueError, match="do not broadcast"):
         broadcast_shape((2, 3), (4, 3))
+
+
+def test_erf_cov_dot_values_gradients_and_gradcheck():
+    # erf_cov_dot: bitwise the values of erf_expectations; gradients equal autograd through
+    # erf_expectations at generic points and where the arcsin argument is clamped (huge
+    # variances, a duplicated point); gradcheck with broadcast (T, 1) / (1, M) variances
+    from pyro_dkm.kernels._fused import erf_cov_dot
+    from pyro_dkm.kernels.nngp import clamp_eps
+
+    g = torch.Generator().manual_seed(10)
+    for scale in (1.0, 1e7):
+        F = scale * torch.randn(7, 4, generator=g, dtype=F64)
+        F[5] = F[1]
+        G = F @ F.T / 4
+        dg = G.diagonal()
+        wts = [torch.randn(7, 7, generator=g, dtype=F64) for _ in range(2)]
+        grads, vals = [], []
+        for fn in (lambda a, b, c: erf_cov_dot(a, b, c, clamp_eps(F64)), erf_expectations):
+            k12, k11, k22 = (t.clone().requires_grad_() for t in (G, dg[:, None], dg[None, :]))
+            out = fn(k12, k11, k22)
+            vals.append([o.detach() for o in out])
+            grads.append(torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, wts)),
+                                             (k12, k11, k22)))
+        for a, b in zip(*vals):
+            assert torch.equal(a, b)
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * b.abs().max())
+    G = (F @ F.T / 4) / scale**2
+    dg = G.diagonal()
+    args = tuple(t.clone().requires_grad_() for t in (G[:3, 3:], dg[:3, None], dg[None, 3:]))
+    assert torch.autograd.gradcheck(lambda *a: erf_cov_dot(*a, 1e-12), args)
