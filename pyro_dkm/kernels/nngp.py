@@ -19,10 +19,11 @@ x'), so the same closed forms serve the dense path here and the KeOps path.
 The closed forms live in pure functions (:func:`relu_expectations`,
 :func:`erf_expectations`) that only use arithmetic, ``sqrt``, ``clamp``/``max``,
 ``atan2`` and ``asin``. The dense path evaluates them with the same floating-point
-operations but fewer temporaries: ReLU as one autograd node with a hand-derived
-backward (:mod:`pyro_dkm.kernels._fused`), and calls that need no gradient in place,
-in row blocks, so a full ``K(X, X')`` needs about one ``n1 x n2`` matrix of memory
-(:mod:`pyro_dkm.kernels._blocked`).
+operations (bitwise the same values) but fewer temporaries: each activation as one
+autograd node with a hand-derived backward (:mod:`pyro_dkm.kernels._fused`); calls that
+need no gradient in place, in row blocks, so a full ``K(X, X')`` needs about one
+``n1 x n2`` matrix of memory; large ones with gradients blocked and recomputed block by
+block in the backward pass (:mod:`pyro_dkm.kernels._blocked`, docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -235,6 +236,8 @@ def _times(a, ntk):
 
 
 class _Activation(Layer):
+    fused = True  # (a class default too, for subclasses that do not call __init__)
+
     def __init__(self, fused: bool = True):
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
