@@ -12,6 +12,7 @@ import torch
 from gpytorch.constraints import Positive
 from torch import Tensor
 
+from .kernels.keops import DEFAULT_KEOPS_THRESHOLD
 from .kernels.nngp import Dense, Erf, Relu, serial
 
 __all__ = ["NNGPKernel"]
@@ -52,11 +53,13 @@ class NNGPKernel(gpytorch.kernels.Kernel):
             The KeOps path returns a :class:`~pyro_dkm.kernels.keops.NNGPOperator`
             (O(N) memory matrix products; linear_operator then uses CG/Lanczos).
             It needs 2-D inputs and an empty ``batch_shape`` (else dense).
-        keops_threshold: size switch for ``use_keops="auto"`` (default 5000). On one CPU
-            core a KeOps product is ~3x faster than a dense one from N = 1e3 on, but a
+        keops_threshold: size switch for ``use_keops="auto"`` (default 20000). On one CPU
+            core the dense product is 1.5-2.2x faster than KeOps up to N = 1e4, and a
             dense Cholesky solve beats 15-25 CG iterations below a few thousand points;
-            above, dense memory (8 N^2 bytes per matrix) is the limit. Gradients run
-            through hand-derived KeOps formulas (``docs/keops.md``).
+            KeOps needs O(N) memory instead of the N x N matrix (8 N^2 bytes: 3.2 GB at
+            N = 2e4), so on CPU the switch is a memory decision. On GPU, where KeOps is
+            also faster, use a lower threshold. Gradients run through hand-derived KeOps
+            formulas (``docs/keops.md``).
 
     ``forward(x1, x2, diag=False)`` takes ``(..., n, d)`` inputs and returns
     ``(..., n1, n2)`` (or ``(..., n1)`` with ``diag=True``, computed in O(n d)).
@@ -74,7 +77,7 @@ class NNGPKernel(gpytorch.kernels.Kernel):
         weight_var_constraint=None,
         bias_var_constraint=None,
         use_keops=False,
-        keops_threshold: int = 5000,
+        keops_threshold: int = DEFAULT_KEOPS_THRESHOLD,
         **kwargs,
     ):
         if use_keops not in (True, False, "auto"):
