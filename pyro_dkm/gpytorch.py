@@ -47,19 +47,19 @@ class NNGPKernel(gpytorch.kernels.Kernel):
             (default ``Positive()``, and ``Interval(0, 1e4)`` is a sensible bound).
         batch_shape: as for every GPyTorch kernel; hyper-parameters get shape
             ``(*batch_shape, depth + 1)``.
-        use_keops: ``False`` (default: dense), ``True`` (always the KeOps lazy
-            operator, falling back to dense with a warning where impossible) or
-            ``"auto"`` (KeOps when both inputs have ``>= keops_threshold`` rows).
-            The KeOps path returns a :class:`~pyro_dkm.kernels.keops.NNGPOperator`
-            (O(N) memory matrix products; linear_operator then uses CG/Lanczos).
-            It needs 2-D inputs and an empty ``batch_shape`` (else dense).
-        keops_threshold: size switch for ``use_keops="auto"`` (default 20000). On one CPU
-            core the dense product is 1.5-2.2x faster than KeOps up to N = 1e4, and a
-            dense Cholesky solve beats 15-25 CG iterations below a few thousand points;
-            KeOps needs O(N) memory instead of the N x N matrix (8 N^2 bytes: 3.2 GB at
-            N = 2e4), so on CPU the switch is a memory decision. On GPU, where KeOps is
-            also faster, use a lower threshold. Gradients run through hand-derived KeOps
-            formulas (``docs/keops.md``).
+        use_keops: ``False`` (default: the dense kernel matrix), ``True`` (always the
+            lazy :class:`~pyro_dkm.kernels.keops.NNGPOperator` with KeOps products,
+            falling back to torch with a warning where impossible) or ``"auto"`` (the
+            lazy operator when both inputs have ``>= keops_threshold`` rows; its products
+            run through KeOps on CUDA and through the row-blocked torch kernel on CPU,
+            which is faster there). The lazy operator never holds K whole (O(N) memory
+            matrix products; linear_operator then uses CG/Lanczos). It needs 2-D inputs
+            and an empty ``batch_shape`` (else dense).
+        keops_threshold: size switch for ``use_keops="auto"`` (default 20000): below it a
+            dense matrix is cheaper (a dense Cholesky solve beats 15-25 CG iterations
+            below a few thousand points, and the matrix, 8 N^2 bytes, is 3.2 GB at
+            N = 2e4). Gradients of the KeOps products are hand-derived KeOps formulas
+            (``docs/keops.md``).
 
     ``forward(x1, x2, diag=False)`` takes ``(..., n, d)`` inputs and returns
     ``(..., n1, n2)`` (or ``(..., n1)`` with ``diag=True``, computed in O(n d)).
@@ -149,7 +149,8 @@ class NNGPKernel(gpytorch.kernels.Kernel):
             from .kernels.keops import NNGPOperator
 
             same = x1 is x2 or (x1.shape == x2.shape and torch.equal(x1, x2))
-            return NNGPOperator(kfn, x1, None if same else x2, get=self.kernel, use_keops=True)
+            return NNGPOperator(kfn, x1, None if same else x2, get=self.kernel,
+                                use_keops=self.use_keops, threshold=self.keops_threshold)
         return kfn(x1, x2, get=self.kernel)
 
     def _keops_wanted(self, x1: Tensor, x2: Tensor) -> bool:

@@ -66,11 +66,10 @@ __all__ = [
     "DEFAULT_KEOPS_THRESHOLD",
 ]
 
-#: Below this many rows (of x1 and x2) the dense path is used by ``use_keops="auto"``.
-#: On one CPU core the fused dense kernel is 1.5-2.2x faster per product than KeOps up to
-#: N = 1e4 (docs/keops.md), so on CPU the switch is a memory decision: a dense float64
-#: N x N matrix is 3.2 GB at N = 2e4. On GPU, where KeOps is also faster, pass a lower
-#: threshold.
+#: ``use_keops="auto"`` uses KeOps on a CUDA device when both sizes are at least this many
+#: rows. On CPU "auto" never does: there the row-blocked torch product (``use_keops=False``)
+#: is 1.5-2.2x faster per product than KeOps (docs/keops.md) and, like KeOps, never holds K
+#: whole. The CUDA value is a guess pending GPU measurements (no GPU was lent so far).
 DEFAULT_KEOPS_THRESHOLD = 20000
 
 
@@ -245,8 +244,48 @@ def _keops_supported(kfn, x1, x2, v=None) -> str | None:
     return None
 
 
+#: the torch path of :func:`keops_matmul` multiplies row blocks of K holding about this many
+#: entries (8 MiB in float64), so K is never held whole
+MATMUL_BLOCK_ENTRIES = 1 << 20
+
+
+def _rows_matmul(kfn, xb, x2, v, get, diag, i0):
+    """``K(xb, x2) @ v`` for the row block ``xb`` starting at row ``i0``; ``diag``: the
+    exact diagonal of ``K(x1, x1)`` when ``x2`` is ``x1`` (else None)."""
+    K = kfn(xb, x2, get=get)  # (..., rows, n2)
+    if diag is not None:
+        n = min(K.shape[-2], K.shape[-1] - i0)
+        if n > 0:
+            K = K.diagonal_scatter(diag[..., i0:i0 + n], offset=i0, dim1=-2, dim2=-1)
+    return K @ v
+
+
 def _dense_matmul(kfn, x1, x2, v, get, sym):
-    return kfn(x1, None if sym else x2, get=get) @ v
+    """``K(x1, x2) @ v`` in torch (the fused dense kernel), one block of rows at a time:
+    O(block x n2) memory instead of the n1 x n2 matrix, at the dense kernel's speed. With
+    gradients each block is recomputed in the backward pass (``torch.utils.checkpoint``)."""
+    n1, n2 = x1.shape[-2], x2.shape[-2]
+    rows = max(1, MATMUL_BLOCK_ENTRIES // max(1, n2))
+    if n1 <= rows:
+        return kfn(x1, None if sym else x2, get=get) @ v
+    vec = v.dim() == 1
+    v2 = v[:, None] if vec else v
+    diag = kfn(x1, diag=True, get=get) if sym else None
+    hypers = [t for layer in kfn.layers if isinstance(layer, Dense) for t in layer._tensors()]
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in [x1, x2, v2, *hypers])
+    outs = []
+    for i0 in range(0, n1, rows):
+        xb = x1[..., i0:i0 + rows, :]
+        if grad:
+            from torch.utils.checkpoint import checkpoint  # noqa: PLC0415
+
+            outs.append(checkpoint(_rows_matmul, kfn, xb, x2, v2, get, diag, i0,
+                                   use_reentrant=False))
+        else:
+            outs.append(_rows_matmul(kfn, xb, x2, v2, get, diag, i0))
+    out = torch.cat(outs, -2)
+    return out[..., 0] if vec else out
 
 
 _FAILED: set = set()
@@ -272,8 +311,10 @@ def keops_matmul(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None, v: Tensor, *,
     """``K(x1, x2) @ v`` for ``v`` of shape ``(n2,)`` or ``(n2, m)``, differentiable
     w.r.t. ``x1``, ``x2``, ``v`` and tensor hyper-parameters.
 
-    ``use_keops``: ``True`` (KeOps, warn and fall back to dense if impossible),
-    ``False`` (dense), or ``"auto"`` (KeOps when both sizes ``>= threshold``).
+    ``use_keops``: ``True`` (KeOps, warn and fall back to torch if impossible), ``False``
+    (torch: the fused dense kernel one block of rows at a time, so K is never held whole:
+    O(block x n2) memory; gradients recompute each block), or ``"auto"`` (KeOps on a CUDA
+    device when both sizes ``>= threshold``, else torch; on CPU torch is the faster one).
     With ``x2=None`` (or ``x2 is x1``) the exact closed-form diagonal is used, as in the
     dense path. Gradients are hand-derived KeOps reductions (falling back to exact
     chunked torch gradients in O(N * chunk) memory if they fail to build).
@@ -292,7 +333,7 @@ def keops_matmul(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None, v: Tensor, *,
                          f"{tuple(v.shape)}")
     vec = v.dim() == 1
     if use_keops == "auto":
-        use = min(x1.shape[-2], x2.shape[-2]) >= threshold
+        use = x1.device.type == "cuda" and min(x1.shape[-2], x2.shape[-2]) >= threshold
     elif isinstance(use_keops, bool):
         use = use_keops
     else:
@@ -347,7 +388,8 @@ class _TensorDense(Dense):
 
 class NNGPOperator(LinearOperator):
     r"""The NNGP/NTK kernel matrix ``K(x1, x2) (+ noise I)`` as a linear_operator
-    ``LinearOperator``, whose matrix products run through KeOps (O(N) memory).
+    ``LinearOperator``, whose matrix products never materialise K (KeOps, or torch row
+    blocks: see :func:`keops_matmul`'s ``use_keops``).
 
     linear_operator's CG / Lanczos (``op.solve``, ``op.inv_quad_logdet``,
     ``gpytorch.settings``) then do exact GP regression without materialising K;
@@ -359,7 +401,8 @@ class NNGPOperator(LinearOperator):
         x1: ``(n1, d)`` inputs; ``x2``: ``(n2, d)`` (default ``x1``).
         get: ``"nngp"`` or ``"ntk"``.
         noise: observation-noise variance added to the diagonal (square operators only).
-        use_keops: ``True``, ``False`` or ``"auto"`` (KeOps from ``threshold`` rows).
+        use_keops: ``True``, ``False`` or ``"auto"`` (as for :func:`keops_matmul`: KeOps on
+            CUDA from ``threshold`` rows, the row-blocked torch product otherwise).
     """
 
     def __init__(self, *args, get: str = "nngp", noise=0.0, use_keops="auto",
@@ -542,15 +585,17 @@ def inv_quad(op: LinearOperator, y: Tensor, **cg) -> Tensor:
 
 
 def exact_predict(kfn: NNGPKernelFn, x: Tensor, y: Tensor, x_test: Tensor, *, noise: float,
-                  get: str = "nngp", variance: bool = False, block: int = 16, **cg):
+                  get: str = "nngp", variance: bool = False, block: int = 16,
+                  use_keops="auto", **cg):
     r"""Exact GP regression with the lazy kernel: only matrix products with K, O(N) memory.
 
     Returns ``(mean, var, quad)``: the posterior mean :math:`K_*^T K_y^{-1} y`
     ``(n_test,)``; with ``variance=True`` the latent variance
     :math:`k_{**} - k_*^T K_y^{-1} k_*` ``(n_test,)`` (one block CG solve per ``block`` test
     points; else ``None``); and :math:`y^T K_y^{-1} y` (scalar), with
-    :math:`K_y = K(x, x) + \text{noise}\, I`. ``cg``: keyword arguments of
-    :func:`cg_solve`.
+    :math:`K_y = K(x, x) + \text{noise}\, I`. ``use_keops``: as for
+    :func:`keops_matmul` (``"auto"``: KeOps on CUDA, row-blocked torch on CPU, where it is
+    faster). ``cg``: keyword arguments of :func:`cg_solve`.
 
     The Student-t process with an InvGamma(a, b) scale prior has the same mean, and
     predictive ``StudentT(df=2a + n, mean, scale^2 = (b + quad/2) / (a + n/2) * var)``
@@ -559,18 +604,18 @@ def exact_predict(kfn: NNGPKernelFn, x: Tensor, y: Tensor, x_test: Tensor, *, no
     check_tensor(y, "y", ndim=1)
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"y must have one entry per row of x ({x.shape[0]}), got {y.shape[0]}")
-    op = NNGPOperator(kfn, x, get=get, noise=noise, use_keops=True)
+    op = NNGPOperator(kfn, x, get=get, noise=noise, use_keops=use_keops)
     alpha = cg_solve(op, y, **cg)
     quad = (y * alpha).sum()
-    mean = keops_matmul(kfn, x_test, x, alpha, get=get, use_keops=True)
+    mean = keops_matmul(kfn, x_test, x, alpha, get=get, use_keops=use_keops)
     var = None
     if variance:
         parts = []
         for i in range(0, x_test.shape[0], block):
             xb = x_test[i:i + block]
-            # K(x, xb): n x block, by the transpose product K(xb, x) @ I (one KeOps build)
+            # K(x, xb): n x block, by the product K(x, xb) @ I (one KeOps build)
             kb = keops_matmul(kfn, x, xb, torch.eye(len(xb), block, dtype=x.dtype,
-                                                     device=x.device), get=get, use_keops=True)
+                                                     device=x.device), get=get, use_keops=use_keops)
             sol = cg_solve(op, kb, **cg)
             kss = kfn(xb, diag=True, get=get)
             parts.append(kss - (kb * sol).sum(0)[:len(xb)])

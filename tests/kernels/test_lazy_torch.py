@@ -1,0 +1,79 @@
+"""The torch path of the lazy kernel products (keops_matmul / NNGPOperator with
+use_keops=False, and "auto" on CPU): K @ v one block of rows at a time, never holding K.
+Needs no pykeops."""
+
+import warnings
+
+import pytest
+import torch
+
+from pyro_dkm.kernels import keops as K
+from pyro_dkm.kernels.nngp import Dense, Erf, Relu, serial
+
+F64 = torch.float64
+
+
+def _setup(w):
+    kfn = serial(Dense(w, 0.1), Relu(), Dense(1.0, 0.05), Erf(), Dense(1.5, 0.2))
+    g = torch.Generator().manual_seed(1)
+    x1 = torch.randn(130, 4, generator=g, dtype=F64)
+    x1[10:13] = x1[:3]  # duplicated rows: the exact diagonal must land on every block
+    x2 = torch.randn(70, 4, generator=g, dtype=F64)
+    return kfn, x1, x2
+
+
+@pytest.mark.parametrize("get", ["nngp", "ntk"])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("cols", [None, 3])
+def test_blocked_product_equals_dense_values_and_gradients(monkeypatch, get, sym, cols):
+    w = torch.tensor(2.0, dtype=F64, requires_grad=True)
+    kfn, x1, x2 = _setup(w)
+    x1 = x1.requires_grad_()
+    x2 = x1 if sym else x2.requires_grad_()
+    n2 = x2.shape[0]
+    v = torch.randn((n2,) if cols is None else (n2, cols), dtype=F64, requires_grad=True)
+    wrt = [x1, w, v] + ([] if sym else [x2])
+
+    ref = kfn(x1, None if sym else x2, get=get) @ v
+    g_ref = torch.autograd.grad(ref.sin().sum(), wrt)
+
+    shapes = []
+    rows_matmul = K._rows_matmul
+
+    def spy(kfn_, xb, *args):
+        shapes.append(xb.shape[0])
+        return rows_matmul(kfn_, xb, *args)
+
+    monkeypatch.setattr(K, "MATMUL_BLOCK_ENTRIES", 25 * n2)  # blocks of 25 rows
+    monkeypatch.setattr(K, "_rows_matmul", spy)
+    got = K.keops_matmul(kfn, x1, None if sym else x2, v, get=get, use_keops=False)
+    g_got = torch.autograd.grad(got.sin().sum(), wrt)
+
+    assert shapes[:6] == [25, 25, 25, 25, 25, 5]  # forward blocks (then the recomputation)
+    torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-13)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_blocked_product_without_grad_and_through_the_operator(monkeypatch):
+    kfn, x1, _ = _setup(2.0)
+    v = torch.randn(130, 2, dtype=F64)
+    monkeypatch.setattr(K, "MATMUL_BLOCK_ENTRIES", 1000)
+    op = K.NNGPOperator(kfn, x1, noise=0.1, use_keops=False)
+    with torch.no_grad():
+        got = op @ v
+    want = (kfn(x1) + 0.1 * torch.eye(130, dtype=F64)) @ v
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+
+
+def test_auto_on_cpu_never_calls_keops(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("KeOps must not run for use_keops='auto' on CPU")
+
+    monkeypatch.setattr(K, "_keops_matmul_impl", boom)
+    kfn, x1, x2 = _setup(2.0)
+    v = torch.randn(70, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = K.keops_matmul(kfn, x1, x2, v, use_keops="auto", threshold=1)
+    torch.testing.assert_close(got, kfn(x1, x2) @ v, rtol=1e-13, atol=1e-13)
