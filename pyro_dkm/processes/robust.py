@@ -502,6 +502,10 @@ class RobustRegression(_ExactRegression):
     def _default_kernel(self):
         return NNGPCovariance(learn_variance=False)
 
+    def set_data(self, X: Tensor, y: Tensor) -> None:
+        super().set_data(X, y)
+        self.state = None  # q(lam) belongs to the old data
+
     def _K(self) -> Tensor:
         claim_param_store(self)
         with torch.no_grad():
@@ -520,12 +524,14 @@ class RobustRegression(_ExactRegression):
             bounds: dict | None = None) -> RobustFit:
         """Run variational EM; learn ``("amplitude", "noise", "df")`` by default
         (``("noise", "df")`` for the t process; ``learn=()`` keeps them fixed and only
-        finds ``q``). Stores and returns the :class:`RobustFit`."""
+        finds ``q``), warm-started from the previous fit's ``q(lam)`` if there is one.
+        Stores and returns the :class:`RobustFit`."""
         if learn is None:
             learn = ("amplitude", "noise", "df") if self.process == "gp" else ("noise", "df")
         y = self.y.detach().to(torch.float64)
+        u0 = self.state.u if self.state is not None else None  # warm start a refit
         st = robust_vb(self._K(), y, learn=learn, max_iter=max_iter, tol=tol, bounds=bounds,
-                       **self._kw())
+                       u0=u0, **self._kw())
         for k in ("noise", "df", "amplitude"):
             if k in learn:
                 setattr(self, k, PyroParam(torch.tensor(st.params[k], dtype=torch.float64),
