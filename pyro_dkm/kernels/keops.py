@@ -34,6 +34,7 @@ everything falls back to the dense torch path with a :class:`KeOpsFallbackWarnin
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Sequence
 
@@ -514,7 +515,7 @@ def _pivoted_cholesky(kfn, x: Tensor, get: str, rank: int) -> Tensor:
 
 
 def cg_solve(op: LinearOperator, rhs: Tensor, *, tol: float = 1e-6, max_iter: int = 1000,
-             precond_rank: int = 0, info: dict | None = None) -> Tensor:
+             precond_rank: int = 0, info: dict | None = None, progress: bool = False) -> Tensor:
     """``op^{-1} rhs`` by conjugate gradients (never Cholesky), ``rhs`` ``(n,)`` or ``(n, m)``.
 
     For a square :class:`NNGPOperator` with ``noise > 0`` (``K + s I``) this is our own
@@ -522,7 +523,8 @@ def cg_solve(op: LinearOperator, rhs: Tensor, *, tol: float = 1e-6, max_iter: in
     times its right-hand side's norm; ``precond_rank > 0`` preconditions with
     ``L^T L + s I``, ``L`` a rank-``precond_rank`` pivoted Cholesky factor of K (rows of K
     in torch, O(n rank) memory). ``info`` (a dict) receives ``iterations`` and
-    ``residual``. Any other ``LinearOperator`` is solved by ``op.solve`` under
+    ``residual``; ``progress``: a tqdm bar on stderr (one step per product with K, the
+    relative residual as postfix). Any other ``LinearOperator`` is solved by ``op.solve`` under
     linear_operator's CG settings (its CG stops near 1e-5 relative error in float64).
     """
     vec = rhs.dim() == 1
@@ -556,6 +558,11 @@ def cg_solve(op: LinearOperator, rhs: Tensor, *, tol: float = 1e-6, max_iter: in
     rz = (r * z).sum(0)
     bnorm = b.norm(dim=0).clamp_min(torch.finfo(b.dtype).tiny)
     it, res = 0, 1.0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        bar = tqdm(total=max_iter, file=sys.stderr, desc="CG", leave=False)
     while it < max_iter:
         it += 1
         Ap = op._matmul(p)
@@ -563,12 +570,17 @@ def cg_solve(op: LinearOperator, rhs: Tensor, *, tol: float = 1e-6, max_iter: in
         x = x + alpha * p
         r = r - alpha * Ap
         res = float((r.norm(dim=0) / bnorm).max())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(residual=f"{res:.2e}")
         if res <= tol:
             break
         z = precond(r)
         rz_new = (r * z).sum(0)
         p = z + (rz_new / rz) * p
         rz = rz_new
+    if bar is not None:
+        bar.close()
     if info is not None:
         info.update(iterations=it, residual=res)
     if res > tol:
