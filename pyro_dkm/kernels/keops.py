@@ -275,17 +275,21 @@ def _dense_matmul(kfn, x1, x2, v, get, sym):
     hypers = [t for layer in kfn.layers if isinstance(layer, Dense) for t in layer._tensors()]
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in [x1, x2, v2, *hypers])
-    outs = []
-    for i0 in range(0, n1, rows):
-        xb = x1[..., i0:i0 + rows, :]
-        if grad:
-            from torch.utils.checkpoint import checkpoint  # noqa: PLC0415
+    if grad:
+        from torch.utils.checkpoint import checkpoint  # noqa: PLC0415
 
-            outs.append(checkpoint(_rows_matmul, kfn, xb, x2, v2, get, diag, i0,
-                                   use_reentrant=False))
-        else:
-            outs.append(_rows_matmul(kfn, xb, x2, v2, get, diag, i0))
-    out = torch.cat(outs, -2)
+        out = torch.cat([checkpoint(_rows_matmul, kfn, x1[..., i0:i0 + rows, :], x2, v2, get,
+                                    diag, i0, use_reentrant=False)
+                         for i0 in range(0, n1, rows)], -2)
+    else:
+        # written into one preallocated output: small per-block results kept alive between
+        # the blocks' large temporaries fragment glibc's heap (measured: +0.8 MB per block)
+        out = None
+        for i0 in range(0, n1, rows):
+            blk = _rows_matmul(kfn, x1[..., i0:i0 + rows, :], x2, v2, get, diag, i0)
+            if out is None:
+                out = blk.new_empty(blk.shape[:-2] + (n1, blk.shape[-1]))
+            out[..., i0:i0 + blk.shape[-2], :] = blk
     return out[..., 0] if vec else out
 
 
