@@ -69,7 +69,7 @@ __all__ = [
 
 #: ``use_keops="auto"`` uses KeOps on a CUDA device when both sizes are at least this many
 #: rows. On CPU "auto" never does: there the row-blocked torch product (``use_keops=False``)
-#: is 1.5-2.2x faster per product than KeOps (docs/keops.md) and, like KeOps, never holds K
+#: is 1.6-2.3x faster per product than KeOps (docs/keops.md) and, like KeOps, never holds K
 #: whole. The CUDA value is a guess pending GPU measurements (no GPU was lent so far).
 DEFAULT_KEOPS_THRESHOLD = 20000
 
@@ -261,7 +261,7 @@ def _rows_matmul(kfn, xb, x2, v, get, diag, i0):
     return K @ v
 
 
-def _dense_matmul(kfn, x1, x2, v, get, sym):
+def _torch_matmul(kfn, x1, x2, v, get, sym):
     """``K(x1, x2) @ v`` in torch (the fused dense kernel), one block of rows at a time:
     O(block x n2) memory instead of the n1 x n2 matrix, at the dense kernel's speed. With
     gradients each block is recomputed in the backward pass (``torch.utils.checkpoint``)."""
@@ -360,7 +360,7 @@ def keops_matmul(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None, v: Tensor, *,
         elif use_keops is True:
             warnings.warn(f"KeOps path unavailable ({why}); using the dense torch path",
                           KeOpsFallbackWarning, stacklevel=2)
-    return _dense_matmul(kfn, x1, x2, v, get, sym)
+    return _torch_matmul(kfn, x1, x2, v, get, sym)
 
 
 # --------------------------------------------------------------------------
