@@ -55,6 +55,7 @@ from torch.distributions import InverseGamma, Normal, StudentT, constraints
 
 from ..dkm.layers import claim_param_store
 from ..linalg import check_tensor, cholesky, solve_tril
+from .classification import kl_inverse_gamma
 from .regression import NNGPCovariance, _ExactRegression, _pos
 from .scale_mixture import _active_range, _gauss_legendre
 from .spectral import SpectralProblem, maximise_positive
@@ -90,15 +91,9 @@ def student_t_noise_terms(u: Tensor, df) -> Tensor:
             - 0.5 * df * torch.log1p(rho / df) + 0.5 * rho / (1.0 + u))
 
 
-def _inverse_gamma_kl(a1, b1, a0, b0) -> Tensor:
-    """KL(InvGamma(a1, b1) || InvGamma(a0, b0))."""
-    return ((a1 - a0) * torch.digamma(a1) - torch.lgamma(a1) + torch.lgamma(a0)
-            + a0 * (torch.log(b1) - torch.log(b0)) + a1 * (b0 - b1) / b1)
-
-
 def _scale_terms(a_q, b_q, a, b, n: int) -> Tensor:
     """The global-scale part of the bound: -n (log a_q - psi(a_q)) - KL(q(s) || p(s))."""
-    return -n * (torch.log(a_q) - torch.digamma(a_q)) - _inverse_gamma_kl(a_q, b_q, a, b)
+    return -n * (torch.log(a_q) - torch.digamma(a_q)) - kl_inverse_gamma(a_q, b_q, a, b)
 
 
 def _t(x, like: Tensor) -> Tensor:
@@ -161,21 +156,12 @@ class RobustFit:
         """``E[1/lam_i] = 1/(1 + u_i)``: small for observations treated as outliers."""
         return 1.0 / (1.0 + self.u)
 
-    def _amp_noise(self):
-        if self.process == "gp":
-            return self.params["amplitude"], self.params["noise"]
-        a_q, b_q = self.scale_posterior
-        c = b_q / a_q
-        return c, c * self.params["noise"]
-
     def latent(self, K_star: Tensor, k_star_diag: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and variance ``(m,)`` of the latent ``f_*`` (for the t process: given
         ``s = 1``, i.e. the variance to be multiplied by ``s``). ``K_star``: ``(n, m)``."""
         A = self.sqrt_w.unsqueeze(-1) * K_star
-        amp, nz = self._amp_noise()
-        if self.process == "gp":
-            return self.spectral.conditional(A, k_star_diag, amp, nz)
-        return self.spectral.conditional(A, k_star_diag, 1.0, self.params["noise"])
+        amp = self.params["amplitude"] if self.process == "gp" else 1.0
+        return self.spectral.conditional(A, k_star_diag, amp, self.params["noise"])
 
     def predict(self, K_star: Tensor, k_star_diag: Tensor, *, order: int = 16,
                 panels: int = 8) -> StudentTNoisePredictive:
@@ -189,11 +175,8 @@ class RobustFit:
                                        latent_scale=b_q / a_q, order=order, panels=panels)
 
 
-def _check_positive(name, v):
-    v = float(v)
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be positive and finite, got {v}")
-    return v
+def _check_positive(name, v) -> float:
+    return float(_pos(v, name))
 
 
 def robust_vb(K: Tensor, y: Tensor, *, noise: float = 0.1, df: float = 4.0,
