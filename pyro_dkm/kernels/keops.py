@@ -256,8 +256,10 @@ def _rows_matmul(kfn, xb, x2, v, get, diag, i0):
     K = kfn(xb, x2, get=get)  # (..., rows, n2)
     if diag is not None:
         n = min(K.shape[-2], K.shape[-1] - i0)
-        if n > 0:
+        if n > 0 and K.requires_grad:
             K = K.diagonal_scatter(diag[..., i0:i0 + n], offset=i0, dim1=-2, dim2=-1)
+        elif n > 0:  # K is this block's own fresh tensor: no copy of it on the hot path
+            K.diagonal(i0, -2, -1).copy_(diag[..., i0:i0 + n])
     return K @ v
 
 
