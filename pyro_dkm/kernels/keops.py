@@ -245,9 +245,12 @@ def _keops_supported(kfn, x1, x2, v=None) -> str | None:
     return None
 
 
-#: the torch path of :func:`keops_matmul` multiplies row blocks of K holding about this many
-#: entries (8 MiB in float64), so K is never held whole
+#: with gradients the torch path of :func:`keops_matmul` multiplies row blocks of K holding
+#: about this many entries (8 MiB in float64), so K is never held whole
 MATMUL_BLOCK_ENTRIES = 1 << 20
+#: without gradients it multiplies square tiles of K of this side (8 MiB in float64); for a
+#: symmetric K(x, x) only the tiles on and above the diagonal are computed, each used twice
+MATMUL_TILE = 1024
 
 
 def _rows_matmul(kfn, xb, x2, v, get, diag, i0):
@@ -263,35 +266,51 @@ def _rows_matmul(kfn, xb, x2, v, get, diag, i0):
     return K @ v
 
 
-def _torch_matmul(kfn, x1, x2, v, get, sym):
-    """``K(x1, x2) @ v`` in torch (the fused dense kernel), one block of rows at a time:
-    O(block x n2) memory instead of the n1 x n2 matrix, at the dense kernel's speed. With
-    gradients each block is recomputed in the backward pass (``torch.utils.checkpoint``)."""
+def _tiled_matmul(kfn, x1, x2, v, get, sym):
+    """``K(x1, x2) @ v`` without autograd, one ``MATMUL_TILE``-square tile of K at a time
+    (``v`` 2-D). Square tiles: both point sets' per-tile work (the input product and the
+    per-point variances) stays small, and the 2-D tiles give torch's threads enough
+    entries per elementwise pass. For a symmetric K only tiles ``j >= i`` are computed:
+    tile ``(i, j)`` adds ``K_ij v_j`` to rows ``i`` and ``K_ij^T v_i`` to rows ``j``, half
+    the kernel evaluations; a diagonal tile is ``K(x_i, x_i)`` with its exact diagonal."""
     n1, n2 = x1.shape[-2], x2.shape[-2]
-    rows = max(1, MATMUL_BLOCK_ENTRIES // max(1, n2))
-    if n1 <= rows:
-        return kfn(x1, None if sym else x2, get=get) @ v
+    t = MATMUL_TILE
+    out = None
+    for i0 in range(0, n1, t):
+        xi, vi = x1[..., i0:i0 + t, :], v[i0:i0 + t]
+        for j0 in range(i0 if sym else 0, n2, t):
+            K = kfn(xi, None if sym and j0 == i0 else x2[..., j0:j0 + t, :], get=get)
+            Kv = K @ v[j0:j0 + t]
+            if out is None:
+                out = Kv.new_zeros(Kv.shape[:-2] + (n1, Kv.shape[-1]))
+            out[..., i0:i0 + t, :] += Kv
+            if sym and j0 != i0:
+                out[..., j0:j0 + t, :] += K.mT @ vi
+    return out
+
+
+def _torch_matmul(kfn, x1, x2, v, get, sym):
+    """``K(x1, x2) @ v`` in torch (the fused dense kernel) by blocks of K, so K is never
+    held whole: square tiles without autograd (:func:`_tiled_matmul`); with gradients, row
+    blocks, each recomputed in the backward pass (``torch.utils.checkpoint``)."""
+    n1, n2 = x1.shape[-2], x2.shape[-2]
     vec = v.dim() == 1
     v2 = v[:, None] if vec else v
-    diag = kfn(x1, diag=True, get=get) if sym else None
     hypers = [t for layer in kfn.layers if isinstance(layer, Dense) for t in layer._tensors()]
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in [x1, x2, v2, *hypers])
-    if grad:
+    rows = max(1, MATMUL_BLOCK_ENTRIES // max(1, n2))
+    if n1 <= rows and n1 * n2 <= MATMUL_TILE ** 2:
+        out = kfn(x1, None if sym else x2, get=get) @ v2
+    elif not grad:
+        out = _tiled_matmul(kfn, x1, x2, v2, get, sym)
+    else:
         from torch.utils.checkpoint import checkpoint  # noqa: PLC0415
 
+        diag = kfn(x1, diag=True, get=get) if sym else None
         out = torch.cat([checkpoint(_rows_matmul, kfn, x1[..., i0:i0 + rows, :], x2, v2, get,
                                     diag, i0, use_reentrant=False)
                          for i0 in range(0, n1, rows)], -2)
-    else:
-        # written into one preallocated output: small per-block results kept alive between
-        # the blocks' large temporaries fragment glibc's heap (measured: +0.8 MB per block)
-        out = None
-        for i0 in range(0, n1, rows):
-            blk = _rows_matmul(kfn, x1[..., i0:i0 + rows, :], x2, v2, get, diag, i0)
-            if out is None:
-                out = blk.new_empty(blk.shape[:-2] + (n1, blk.shape[-1]))
-            out[..., i0:i0 + blk.shape[-2], :] = blk
     return out[..., 0] if vec else out
 
 

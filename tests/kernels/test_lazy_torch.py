@@ -55,9 +55,39 @@ def test_blocked_product_equals_dense_values_and_gradients(monkeypatch, get, sym
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_blocked_product_without_grad_and_through_the_operator(monkeypatch):
+@pytest.mark.parametrize("get", ["nngp", "ntk"])
+@pytest.mark.parametrize("sym", [True, False])
+def test_tiled_product_without_grad_equals_dense(monkeypatch, get, sym):
+    # 130 x 130 (symmetric: 5 x 5 tiles of 32, only the 15 on or above the diagonal computed)
+    # or 130 x 70 (5 x 3 tiles), ragged last tiles
+    kfn, x1, x2 = _setup(torch.tensor([2.0, 0.7], dtype=F64))  # a batch of 2 kernels
+    x2 = x1 if sym else x2
+    v = torch.randn(x2.shape[0], 3, dtype=F64)
+    calls = []
+
+    class Counting:  # counts the kernel evaluations
+        layers = kfn.layers
+
+        def __call__(self, a, b=None, **kw):
+            calls.append((a.shape[-2], None if b is None else b.shape[-2]))
+            return kfn(a, b, **kw)
+
+    monkeypatch.setattr(K, "MATMUL_TILE", 32)
+    monkeypatch.setattr(K, "MATMUL_BLOCK_ENTRIES", 1000)
+    with torch.no_grad():
+        got = K.keops_matmul(Counting(), x1, None if sym else x2, v, get=get, use_keops=False)
+    want = kfn(x1, None if sym else x2, get=get) @ v
+    assert got.shape == (2, 130, 3)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    assert len(calls) == 15  # symmetric: 5 * 6 / 2 tiles; else 5 * 3
+    if sym:  # diagonal tiles are K(x_i, x_i) with the exact diagonal
+        assert sum(b is None for _, b in calls) == 5
+
+
+def test_tiled_product_through_the_operator(monkeypatch):
     kfn, x1, _ = _setup(2.0)
     v = torch.randn(130, 2, dtype=F64)
+    monkeypatch.setattr(K, "MATMUL_TILE", 40)
     monkeypatch.setattr(K, "MATMUL_BLOCK_ENTRIES", 1000)
     op = K.NNGPOperator(kfn, x1, noise=0.1, use_keops=False)
     with torch.no_grad():
