@@ -8,7 +8,7 @@ the posterior mean (shared by the GP and the Student-t process), and on the firs
     python examples/keops_large_gp.py --n 200000 --device cuda
 
 ``--backend auto`` (default) runs the products through KeOps on CUDA and through the
-row-blocked torch kernel on CPU (faster there); ``keops`` / ``torch`` force one.
+tiled torch kernel on CPU (faster there); ``keops`` / ``torch`` force one.
 """
 
 import argparse

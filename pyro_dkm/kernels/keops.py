@@ -300,7 +300,7 @@ def _torch_matmul(kfn, x1, x2, v, get, sym):
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in [x1, x2, v2, *hypers])
     rows = max(1, MATMUL_BLOCK_ENTRIES // max(1, n2))
-    if n1 <= rows and n1 * n2 <= MATMUL_TILE ** 2:
+    if n1 <= rows and n1 * n2 <= MATMUL_TILE ** 2:  # small: K whole
         out = kfn(x1, None if sym else x2, get=get) @ v2
     elif not grad:
         out = _tiled_matmul(kfn, x1, x2, v2, get, sym)
@@ -338,8 +338,9 @@ def keops_matmul(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None, v: Tensor, *,
     w.r.t. ``x1``, ``x2``, ``v`` and tensor hyper-parameters.
 
     ``use_keops``: ``True`` (KeOps, warn and fall back to torch if impossible), ``False``
-    (torch: the fused dense kernel one block of rows at a time, so K is never held whole:
-    O(block x n2) memory; gradients recompute each block), or ``"auto"`` (KeOps on a CUDA
+    (torch: the fused dense kernel one block of K at a time, so K is never held whole:
+    square tiles without autograd, only the upper ones of a symmetric K; with gradients
+    row blocks, O(block x n2) memory, each recomputed backward), or ``"auto"`` (KeOps on a CUDA
     device when both sizes ``>= threshold``, else torch; on CPU torch is the faster one).
     With ``x2=None`` (or ``x2 is x1``) the exact closed-form diagonal is used, as in the
     dense path. Gradients are hand-derived KeOps reductions (falling back to exact
