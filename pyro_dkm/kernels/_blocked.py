@@ -22,7 +22,6 @@ import math
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ._fused import broadcast_shape
 from .nngp import Dense, KernelState, NNGPKernelFn, _Activation
@@ -167,14 +166,41 @@ class _Checkpointed(torch.autograd.Function):
         return tuple(outs[g] for g in names)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grads):
         x1, x2, *params = ctx.saved_tensors
-        need_x1, need_x2 = ctx.needs_input_grad[2:4]
-        need_p = ctx.needs_input_grad[4:]
         used = [(g, out) for g, out in zip(grads, ctx.names) if g is not None]
         if not used:
             return (None,) * (4 + len(params))
+        if torch.is_grad_enabled():  # create_graph=True
+            return _Checkpointed._graph_backward(ctx, used, x1, x2, params)
+        return _Checkpointed._backward(ctx, used, x1, x2, params)
+
+    @staticmethod
+    def _graph_backward(ctx, used, x1, x2, params):
+        """Under ``create_graph=True``: the whole kernel through the layer path on the saved
+        inputs, differentiated with its graph recorded (higher derivatives; the kernel-sized
+        intermediates are kept, as they must be for a second derivative)."""
+        needs = ctx.needs_input_grad[2:]
+        # one alias per parameter slot: a tensor shared by two layers is two inputs here,
+        # each getting its own layer's share
+        params = [p.view_as(p) for p in params]
+        state = _block_states(_substitute(ctx.layers, params), x1, x1 if x2 is None else x2,
+                              0, x2 is None, any(name == "ntk" for _, name in used))
+        outs = [state.cov if name == "nngp" else state.ntk for _, name in used]
+        ins = [x1, x2, *params]
+        wrt = [t for t, n in zip(ins, needs) if n]
+        got = iter(torch.autograd.grad(outs, wrt, [g for g, _ in used], create_graph=True,
+                                       allow_unused=True))
+        res = []
+        for t, n in zip(ins, needs):
+            g = next(got) if n else None
+            res.append(torch.zeros_like(t) if n and g is None else g)
+        return (None, None, *res)
+
+    @staticmethod
+    def _backward(ctx, used, x1, x2, params):
+        need_x1, need_x2 = ctx.needs_input_grad[2:4]
+        need_p = ctx.needs_input_grad[4:]
         symmetric = x2 is None
         leaves = [p.detach().requires_grad_(n) for p, n in zip(params, need_p)]
         layers = _substitute(ctx.layers, leaves)

@@ -24,7 +24,6 @@ import math
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 _TWO_PI = 2 * math.pi
 
@@ -71,6 +70,37 @@ def _relu_forward(k12: Tensor, k11: Tensor, k22: Tensor, *, inplace: bool, keep_
     return cov, dot, (s if keep_s else None), floored
 
 
+def _relu_elementwise(k12, k11, k22):
+    from .nngp import relu_expectations  # noqa: PLC0415 (nngp imports this module)
+
+    return relu_expectations(k12, k11, k22)
+
+
+def _erf_elementwise(eps):
+    from .nngp import erf_expectations  # noqa: PLC0415
+
+    return lambda k12, k11, k22: erf_expectations(k12, k11, k22, eps=eps)
+
+
+def _graph_grads(ctx, elementwise, grads) -> tuple:
+    """The input gradients of a fused node under ``create_graph=True``: autograd of the
+    node's elementwise form ``elementwise(k12, k11, k22) -> (cov, dot)`` on the saved inputs,
+    recorded, so higher derivatives exist (the hand-derived backward is not itself
+    differentiable). The same first derivatives as the hand-derived backward."""
+    ins = ctx.saved_tensors[:3]
+    need = ctx.needs_input_grad[:3]
+    outs = elementwise(*ins)
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+    wrt = [t for t, n in zip(ins, need) if n]
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                   create_graph=True, allow_unused=True))
+    res = []
+    for t, n in zip(ins, need):
+        g = next(got) if n else None
+        res.append(torch.zeros_like(t) if n and g is None else g)
+    return (*res, None)
+
+
 class _ArcCosine(torch.autograd.Function):
     r"""ReLU ``cov`` (and ``dot`` when ``with_dot``) as one autograd node.
 
@@ -97,14 +127,19 @@ class _ArcCosine(torch.autograd.Function):
         return cov
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grads):
+        if all(g is None for g in grads):
+            return None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True
+            return _graph_grads(ctx, _relu_elementwise, grads)
+        return _ArcCosine._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, *grads):
         k12, k11, k22, s, dot, floored = ctx.saved_tensors
         gc = grads[0]
         gd = grads[1] if ctx.with_dot else None
         need12, need11, need22 = ctx.needs_input_grad[:3]
-        if gc is None and gd is None:
-            return None, None, None, None
         # the unfloored formulas everywhere, in place in two kernel-sized buffers ...
         d12 = a = None
         if need12:
@@ -182,7 +217,8 @@ def arccos_cov(k12: Tensor, k11: Tensor, k22: Tensor) -> Tensor:
     :math:`\partial/\partial k_{11} = s k_{22}/(4\pi r)`, :math:`r = s^2 + k_{12}^2`), which
     is several times cheaper than differentiating the elementwise graph. ``k11`` and
     ``k22`` broadcast against ``k12`` (e.g. ``(T, 1)`` and ``(1, M)``). Differentiable
-    once (a second derivative raises).
+    to any order: under ``create_graph=True`` the backward differentiates the elementwise
+    form instead (the same first derivative, recorded for the next one).
     """
     return _ArcCosine.apply(k12, _as_like(k11, k12), _as_like(k22, k12), False)
 
@@ -238,16 +274,18 @@ class _ErfCovDot(torch.autograd.Function):
         cov = (2 / math.pi) * torch.asin(u)
         dot = (4 / math.pi) / (a * (1 - u * u)).sqrt()
         ctx.set_materialize_grads(False)
+        ctx.eps = eps
         ctx.save_for_backward(k12, k11, k22, u, dot, inside)
         return cov, dot
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gc, gd):
-        k12, k11, k22, u, dot, inside = ctx.saved_tensors
-        need12, need11, need22 = ctx.needs_input_grad[:3]
         if gc is None and gd is None:
             return None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True
+            return _graph_grads(ctx, _erf_elementwise(ctx.eps), (gc, gd))
+        k12, k11, k22, u, dot, inside = ctx.saved_tensors
+        need12, need11, need22 = ctx.needs_input_grad[:3]
         one_m = torch.mul(u, u).neg_().add_(1)  # 1 - u^2
         gu = None
         if gc is not None:

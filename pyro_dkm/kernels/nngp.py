@@ -95,7 +95,8 @@ def relu_diag(k: Tensor) -> tuple[Tensor, Tensor]:
     return 0.5 * k, torch.full_like(k, 0.5)
 
 
-def erf_expectations(k12: Tensor, k11: Tensor, k22: Tensor) -> tuple[Tensor, Tensor]:
+def erf_expectations(k12: Tensor, k11: Tensor, k22: Tensor, *, eps: float | None = None
+                     ) -> tuple[Tensor, Tensor]:
     r"""Erf Gaussian expectations (Williams 1997) for :math:`(u,v)\sim\mathcal N(0,K)`.
 
     .. math::
@@ -104,9 +105,10 @@ def erf_expectations(k12: Tensor, k11: Tensor, k22: Tensor) -> tuple[Tensor, Ten
         E[\mathrm{erf}'(u)\mathrm{erf}'(v)] = \frac{4}{\pi}
             \left[(1+2k_{11})(1+2k_{22}) - 4k_{12}^2\right]^{-1/2}.
 
-    Returns ``(cov, dot)``.
+    The arcsin argument is clamped to :math:`\pm(1 - \epsilon)`, ``eps`` (default
+    :func:`clamp_eps` of the dtype). Returns ``(cov, dot)``.
     """
-    eps = clamp_eps(k12.dtype)
+    eps = clamp_eps(k12.dtype) if eps is None else eps
     a = (1 + 2 * k11) * (1 + 2 * k22)
     s = (2 * k12 / a.sqrt()).clamp(-1 + eps, 1 - eps)
     cov = (2 / math.pi) * torch.asin(s)
@@ -295,9 +297,10 @@ class Relu(_Activation):
     Args:
         fused: with gradients, evaluate the layer as one autograd node with a
             hand-derived backward (faster, ~3 kernel-sized tensors kept instead of ~8),
-            and let large kernels be recomputed blockwise in the backward pass; both are
-            differentiable once. ``fused=False`` differentiates the elementwise closed form
-            (higher derivatives, e.g. ``create_graph=True``). Values are the same.
+            and let large kernels be recomputed blockwise in the backward pass. Under
+            ``create_graph=True`` (higher derivatives) both switch to autograd of the
+            elementwise closed form, which is what ``fused=False`` always does. Values
+            and derivatives are the same.
     """
 
     def _cross(self, k12, k11, k22):
@@ -320,8 +323,9 @@ class Erf(_Activation):
 
     Args:
         fused: as for :class:`Relu`: one autograd node with a hand-derived backward, and
-            large kernels recomputed blockwise in the backward pass (differentiable once);
-            ``fused=False`` keeps plain autograd (higher derivatives). Values are the same.
+            large kernels recomputed blockwise in the backward pass (under
+            ``create_graph=True``: autograd of the closed form); ``fused=False`` keeps
+            plain autograd throughout. Values and derivatives are the same.
     """
 
     def _cross(self, k12, k11, k22):

@@ -174,6 +174,9 @@ def test_relu_cov_dot_gradcheck_and_values():
     assert torch.autograd.gradcheck(lambda *a: relu_cov_dot(*a), args)
     assert torch.autograd.gradcheck(lambda *a: relu_cov_dot(*a)[1], args)
     assert torch.autograd.gradcheck(arccos_cov, args)
+    # second derivatives (create_graph=True differentiates the elementwise form)
+    assert torch.autograd.gradgradcheck(lambda *a: relu_cov_dot(*a), args)
+    assert torch.autograd.gradgradcheck(arccos_cov, args)
 
 
 def test_kernel_gradcheck_inputs_and_hyperparameters():
@@ -305,23 +308,31 @@ def test_checkpointed_gradcheck(monkeypatch):
     assert torch.autograd.gradcheck(f, (x1, x2, w))
 
 
-def test_unfused_activations_allow_higher_derivatives(monkeypatch):
-    # Relu(fused=False) / Erf(fused=False): plain autograd (no checkpointing even above the
-    # threshold), so create_graph works; same values
+@pytest.mark.parametrize("checkpointed", [False, True])
+@pytest.mark.parametrize("get", ["nngp", "ntk"])
+def test_fused_paths_have_the_elementwise_second_derivatives(monkeypatch, checkpointed, get):
+    # create_graph=True through the fused nodes (and the blocked/checkpointed kernel) records
+    # the elementwise form, so Hessian-vector products equal those of Relu(fused=False) /
+    # Erf(fused=False); w is shared by two layers (each layer's share must be counted once)
     import pyro_dkm.kernels.nngp as nngp
 
-    monkeypatch.setattr(nngp, "CHECKPOINT_MIN_ENTRIES", 1)
-    x = points().requires_grad_()
-    plain = serial(Dense(1.5, 0.1), Relu(fused=False), Dense(1.5, 0.1), Erf(fused=False))
-    fused = serial(Dense(1.5, 0.1), Relu(), Dense(1.5, 0.1), Erf())
-    K = plain(x, get="ntk")
-    torch.testing.assert_close(K, fused(x, get="ntk"), rtol=1e-13, atol=1e-13)
-    (gx,) = torch.autograd.grad(K.sum(), x, create_graph=True)
-    (hx,) = torch.autograd.grad(gx.sum(), x)
-    assert torch.isfinite(hx).all()
-    (gx,) = torch.autograd.grad(fused(x, get="ntk").sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad(gx.sum(), x)
+    if checkpointed:
+        monkeypatch.setattr(nngp, "CHECKPOINT_MIN_ENTRIES", 1)
+    g = torch.Generator().manual_seed(4)
+    x1 = torch.randn(12, 3, generator=g, dtype=F64)
+    res = []
+    for fused in (False, True):
+        x = x1.clone().requires_grad_()
+        w = torch.tensor(1.5, dtype=F64, requires_grad=True)
+        kfn = serial(Dense(w, 0.1), Relu(fused=fused), Dense(w, 0.1), Erf(fused=fused))
+        K = kfn(x, get=get)
+        if fused:
+            assert ("Checkpointed" in type(K.grad_fn).__name__) == checkpointed
+        gx, gw = torch.autograd.grad((K * K.detach().cos()).sum(), (x, w), create_graph=True)
+        res.append((gx, gw, *torch.autograd.grad(gx.sin().sum() + gw ** 2, (x, w))))
+    for a, b in zip(*res):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-12,
+                                   atol=1e-12 * float(a.abs().max()))
     assert repr(Relu(fused=False)) == "Relu(fused=False)" and repr(Erf()) == "Erf()"
     with pytest.raises(TypeError, match="fused must be a bool"):
         Relu(fused=1)
@@ -366,3 +377,4 @@ def test_erf_cov_dot_values_gradients_and_gradcheck():
     dg = G.diagonal()
     args = tuple(t.clone().requires_grad_() for t in (G[:3, 3:], dg[:3, None], dg[None, 3:]))
     assert torch.autograd.gradcheck(lambda *a: erf_cov_dot(*a, 1e-12), args)
+    assert torch.autograd.gradgradcheck(lambda *a: erf_cov_dot(*a, 1e-12), args)
