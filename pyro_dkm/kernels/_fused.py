@@ -25,6 +25,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._closed_forms import erf_expectations, relu_expectations
+
 _TWO_PI = 2 * math.pi
 
 
@@ -70,15 +72,7 @@ def _relu_forward(k12: Tensor, k11: Tensor, k22: Tensor, *, inplace: bool, keep_
     return cov, dot, (s if keep_s else None), floored
 
 
-def _relu_elementwise(k12, k11, k22):
-    from .nngp import relu_expectations  # noqa: PLC0415 (nngp imports this module)
-
-    return relu_expectations(k12, k11, k22)
-
-
 def _erf_elementwise(eps):
-    from .nngp import erf_expectations  # noqa: PLC0415
-
     return lambda k12, k11, k22: erf_expectations(k12, k11, k22, eps=eps)
 
 
@@ -131,7 +125,7 @@ class _ArcCosine(torch.autograd.Function):
         if all(g is None for g in grads):
             return None, None, None, None
         if torch.is_grad_enabled():  # create_graph=True
-            return _graph_grads(ctx, _relu_elementwise, grads)
+            return _graph_grads(ctx, relu_expectations, grads)
         return _ArcCosine._backward(ctx, *grads)
 
     @staticmethod
