@@ -3,12 +3,12 @@
 For each N: "dense" materialises K = kfn(X) (+ noise I) and does K @ v, and solves by
 Cholesky; "blocked" does K @ v in torch one tile of K at a time (keops_matmul with
 use_keops=False: never holds K whole; of the symmetric K only the upper tiles); "keops"
-does the lazy K @ v and solves (K + noise I) a = y by our preconditioned CG
-(pyro_dkm.kernels.keops.cg_solve: pivoted-Cholesky preconditioner of rank --precond-rank,
-relative residual --cg-tol).
-Each measurement runs in a forked child process; peak memory is the child's peak RSS
-growth (CPU) or torch.cuda.max_memory_allocated (GPU). The network is serial(Dense, Relu,
-Dense, Relu, Dense) on d = 8 inputs, float64 by default. Optionally (--gp-n) an exact NNGP GP
+does the lazy K @ v through KeOps. Both lazy ones solve (K + noise I) a = y by our
+preconditioned CG (pyro_dkm.kernels.keops.cg_solve: pivoted-Cholesky preconditioner of rank
+--precond-rank, relative residual --cg-tol). Each measurement runs in a forked child
+process; peak memory is the child's peak RSS growth (CPU) or
+torch.cuda.max_memory_allocated (GPU). The network is serial(Dense, Relu, Dense, Relu,
+Dense) on d = 8 inputs, float64 by default. Optionally (--gp-n) an exact NNGP GP
 regression on synthetic data (y = sin(x_1 + x_2) + N(0, 0.1^2)) too big for dense, with
 its test RMSE (the noise floor is 0.1).
 
@@ -80,9 +80,9 @@ def _measure(task, n, args, q):
         Kd = kfn(x)
         Kd.diagonal().add_(NOISE)
         out = torch.cholesky_solve(v, torch.linalg.cholesky(Kd))
-    else:
+    else:  # keops_solve / blocked_solve: our preconditioned CG on the lazy operator
         info = {}
-        op = NNGPOperator(kfn, x, noise=NOISE, use_keops=True)
+        op = NNGPOperator(kfn, x, noise=NOISE, use_keops=task == "keops_solve")
         out = cg_solve(op, v, tol=args.cg_tol, max_iter=args.cg_iters,
                        precond_rank=args.precond_rank, info=info)
         calls[0] = info["iterations"]
@@ -92,7 +92,8 @@ def _measure(task, n, args, q):
     mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
     assert bool(torch.isfinite(out).all())
-    q.put((dt, mem / 2**20, calls[0] if task == "keops_solve" else None))
+    q.put((dt, mem / 2**20, calls[0] if task.endswith("_solve") and task != "dense_solve"
+           else None))
 
 
 def measure(task, n, args):
@@ -149,10 +150,10 @@ def main(argv=None):
     for n in tqdm(sizes, file=sys.stderr):
         res = {}
         for task in ("dense_matvec", "blocked_matvec", "keops_matvec", "dense_solve",
-                     "keops_solve"):
+                     "blocked_solve", "keops_solve"):
             if task.startswith("dense") and n > args.max_dense_n:
                 continue
-            if task == "blocked_matvec" and n > args.max_blocked_n:
+            if task.startswith("blocked") and n > args.max_blocked_n:
                 continue
             if task.endswith("solve") and n > args.max_solve_n:
                 continue
@@ -166,7 +167,8 @@ def main(argv=None):
             if r[2] is not None:
                 rows.append(row(f"N={n}", method, "CG iterations", [r[2]]))
         for base, lazy, what in (("dense", "keops", "matvec"), ("blocked", "keops", "matvec"),
-                                 ("dense", "blocked", "matvec"), ("dense", "keops", "solve")):
+                                 ("dense", "blocked", "matvec"), ("dense", "keops", "solve"),
+                                 ("dense", "blocked", "solve")):
             if f"{base}_{what}" in res and f"{lazy}_{what}" in res:
                 ratio = res[f"{base}_{what}"][0] / res[f"{lazy}_{what}"][0]
                 rows.append(row(f"N={n}", f"{base}/{lazy}", f"{what} time", [ratio]))
