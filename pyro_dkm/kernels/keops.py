@@ -245,74 +245,71 @@ def _keops_supported(kfn, x1, x2, v=None) -> str | None:
     return None
 
 
-#: with gradients the torch path of :func:`keops_matmul` multiplies row blocks of K holding
-#: about this many entries (8 MiB in float64), so K is never held whole
-MATMUL_BLOCK_ENTRIES = 1 << 20
-#: without gradients it multiplies square tiles of K of this side (8 MiB in float64); for a
-#: symmetric K(x, x) only the tiles on and above the diagonal are computed, each used twice.
-#: On a GPU the tiles are larger (128 MiB in float64: fewer kernel launches; not measured)
+#: the torch path of :func:`keops_matmul` multiplies square tiles of K of this side (8 MiB in
+#: float64), so K is never held whole; for a symmetric K(x, x) only the tiles on and above
+#: the diagonal are computed, each used twice. On a GPU the tiles are larger (128 MiB in
+#: float64: fewer kernel launches; not measured)
 MATMUL_TILE = 1024
 MATMUL_TILE_GPU = 4096
 
 
-def _rows_matmul(kfn, xb, x2, v, get, diag, i0):
-    """``K(xb, x2) @ v`` for the row block ``xb`` starting at row ``i0``; ``diag``: the
-    exact diagonal of ``K(x1, x1)`` when ``x2`` is ``x1`` (else None)."""
-    K = kfn(xb, x2, get=get)  # (..., rows, n2)
-    if diag is not None:
-        n = min(K.shape[-2], K.shape[-1] - i0)
-        if n > 0 and K.requires_grad:
-            K = K.diagonal_scatter(diag[..., i0:i0 + n], offset=i0, dim1=-2, dim2=-1)
-        elif n > 0:  # K is this block's own fresh tensor: no copy of it on the hot path
-            K.diagonal(i0, -2, -1).copy_(diag[..., i0:i0 + n])
-    return K @ v
+def _tile_products(kfn, xi, xj, vi, vj, get, diagonal, both):
+    """``(K_ij v_j,)``, or ``(K_ij v_j, K_ij^T v_i)`` when ``both``, for ``K_ij = K(xi, xj)``
+    (``diagonal``: ``K(xi, xi)``, with its exact diagonal)."""
+    K = kfn(xi, None if diagonal else xj, get=get)
+    return (K @ vj, K.mT @ vi) if both else (K @ vj,)
 
 
-def _tiled_matmul(kfn, x1, x2, v, get, sym):
-    """``K(x1, x2) @ v`` without autograd, one ``MATMUL_TILE``-square tile of K at a time
-    (``v`` 2-D). Square tiles: both point sets' per-tile work (the input product and the
-    per-point variances) stays small, and the 2-D tiles give torch's threads enough
-    entries per elementwise pass. For a symmetric K only tiles ``j >= i`` are computed:
-    tile ``(i, j)`` adds ``K_ij v_j`` to rows ``i`` and ``K_ij^T v_i`` to rows ``j``, half
-    the kernel evaluations; a diagonal tile is ``K(x_i, x_i)`` with its exact diagonal."""
+def _tiled_matmul(kfn, x1, x2, v, get, sym, grad):
+    """``K(x1, x2) @ v`` (``v`` 2-D) one ``MATMUL_TILE``-square tile of K at a time. Square
+    tiles keep both point sets' per-tile work (the input product, the per-point variances)
+    small and give torch's threads enough entries per elementwise pass. For a symmetric K
+    only tiles ``j >= i`` are computed: tile ``(i, j)`` adds ``K_ij v_j`` to rows ``i`` and
+    ``K_ij^T v_i`` to rows ``j``, half the kernel evaluations. Without autograd the results
+    accumulate in place in one preallocated output; with it each tile is a
+    ``torch.utils.checkpoint`` (recomputed in the backward pass, so memory stays O(tile^2))."""
     n1, n2 = x1.shape[-2], x2.shape[-2]
     t = MATMUL_TILE if x1.device.type == "cpu" else MATMUL_TILE_GPU
+    if grad:
+        from torch.utils.checkpoint import checkpoint  # noqa: PLC0415
     out = None
+    acc = [None] * len(range(0, n1, t))  # with autograd: per row block, a sum
+
+    def add(i0, part):
+        nonlocal out
+        if not grad:
+            if out is None:
+                out = part.new_zeros(part.shape[:-2] + (n1, part.shape[-1]))
+            out[..., i0:i0 + t, :] += part
+        else:
+            acc[i0 // t] = part if acc[i0 // t] is None else acc[i0 // t] + part
+
     for i0 in range(0, n1, t):
         xi, vi = x1[..., i0:i0 + t, :], v[i0:i0 + t]
         for j0 in range(i0 if sym else 0, n2, t):
-            K = kfn(xi, None if sym and j0 == i0 else x2[..., j0:j0 + t, :], get=get)
-            Kv = K @ v[j0:j0 + t]
-            if out is None:
-                out = Kv.new_zeros(Kv.shape[:-2] + (n1, Kv.shape[-1]))
-            out[..., i0:i0 + t, :] += Kv
-            if sym and j0 != i0:
-                out[..., j0:j0 + t, :] += K.mT @ vi
-    return out
+            args = (kfn, xi, x2[..., j0:j0 + t, :], vi, v[j0:j0 + t], get,
+                    sym and j0 == i0, sym and j0 != i0)
+            parts = checkpoint(_tile_products, *args, use_reentrant=False) if grad else \
+                _tile_products(*args)
+            add(i0, parts[0])
+            if len(parts) > 1:
+                add(j0, parts[1])
+    return torch.cat(acc, -2) if grad else out
 
 
 def _torch_matmul(kfn, x1, x2, v, get, sym):
-    """``K(x1, x2) @ v`` in torch (the fused dense kernel) by blocks of K, so K is never
-    held whole: square tiles without autograd (:func:`_tiled_matmul`); with gradients, row
-    blocks, each recomputed in the backward pass (``torch.utils.checkpoint``)."""
+    """``K(x1, x2) @ v`` in torch (the fused dense kernel) by square tiles of K, so K is
+    never held whole (:func:`_tiled_matmul`); small products take K whole."""
     n1, n2 = x1.shape[-2], x2.shape[-2]
     vec = v.dim() == 1
     v2 = v[:, None] if vec else v
-    hypers = [t for layer in kfn.layers if isinstance(layer, Dense) for t in layer._tensors()]
-    grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in [x1, x2, v2, *hypers])
-    rows = max(1, MATMUL_BLOCK_ENTRIES // max(1, n2))
-    if n1 <= rows and n1 * n2 <= MATMUL_TILE ** 2:  # small: K whole
+    if n1 * n2 <= MATMUL_TILE ** 2:
         out = kfn(x1, None if sym else x2, get=get) @ v2
-    elif not grad:
-        out = _tiled_matmul(kfn, x1, x2, v2, get, sym)
     else:
-        from torch.utils.checkpoint import checkpoint  # noqa: PLC0415
-
-        diag = kfn(x1, diag=True, get=get) if sym else None
-        out = torch.cat([checkpoint(_rows_matmul, kfn, x1[..., i0:i0 + rows, :], x2, v2, get,
-                                    diag, i0, use_reentrant=False)
-                         for i0 in range(0, n1, rows)], -2)
+        hypers = [t for layer in kfn.layers if isinstance(layer, Dense) for t in layer._tensors()]
+        grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in [x1, x2, v2, *hypers])
+        out = _tiled_matmul(kfn, x1, x2, v2, get, sym, grad)
     return out[..., 0] if vec else out
 
 
@@ -340,9 +337,9 @@ def keops_matmul(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None, v: Tensor, *,
     w.r.t. ``x1``, ``x2``, ``v`` and tensor hyper-parameters.
 
     ``use_keops``: ``True`` (KeOps, warn and fall back to torch if impossible), ``False``
-    (torch: the fused dense kernel one block of K at a time, so K is never held whole:
-    square tiles without autograd, only the upper ones of a symmetric K; with gradients
-    row blocks, O(block x n2) memory, each recomputed backward), or ``"auto"`` (KeOps on a CUDA
+    (torch: the fused dense kernel one square tile of K at a time, so K is never held
+    whole, only the upper tiles of a symmetric K; with gradients each tile is recomputed
+    in the backward pass), or ``"auto"`` (KeOps on a CUDA
     device when both sizes ``>= threshold``, else torch; on CPU torch is the faster one).
     With ``x2=None`` (or ``x2 is x1``) the exact closed-form diagonal is used, as in the
     dense path. Gradients are hand-derived KeOps reductions (falling back to exact

@@ -1,6 +1,6 @@
 """The torch path of the lazy kernel products (keops_matmul / NNGPOperator with
-use_keops=False, and "auto" on CPU): K @ v one block of rows at a time, never holding K.
-Needs no pykeops."""
+use_keops=False, and "auto" on CPU): K @ v one square tile at a time (only the upper tiles
+of a symmetric K), never holding K. Needs no pykeops."""
 
 import warnings
 
@@ -25,7 +25,9 @@ def _setup(w):
 @pytest.mark.parametrize("get", ["nngp", "ntk"])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("cols", [None, 3])
-def test_blocked_product_equals_dense_values_and_gradients(monkeypatch, get, sym, cols):
+def test_tiled_product_equals_dense_values_and_gradients(monkeypatch, get, sym, cols):
+    # with autograd: checkpointed tiles of 40 (130 x 130: the 10 upper of 4 x 4 tiles;
+    # 130 x 70: 4 x 2 tiles), gradients w.r.t. both inputs, a hyper-parameter and v
     w = torch.tensor(2.0, dtype=F64, requires_grad=True)
     kfn, x1, x2 = _setup(w)
     x1 = x1.requires_grad_()
@@ -37,19 +39,24 @@ def test_blocked_product_equals_dense_values_and_gradients(monkeypatch, get, sym
     ref = kfn(x1, None if sym else x2, get=get) @ v
     g_ref = torch.autograd.grad(ref.sin().sum(), wrt)
 
-    shapes = []
-    rows_matmul = K._rows_matmul
+    tiles = []
+    tile_products = K._tile_products
 
-    def spy(kfn_, xb, *args):
-        shapes.append(xb.shape[0])
-        return rows_matmul(kfn_, xb, *args)
+    def spy(kfn_, xi, xj, vi, vj, get_, diagonal, both):
+        tiles.append((xi.shape[0], xj.shape[0], diagonal, both))
+        return tile_products(kfn_, xi, xj, vi, vj, get_, diagonal, both)
 
-    monkeypatch.setattr(K, "MATMUL_BLOCK_ENTRIES", 25 * n2)  # blocks of 25 rows
-    monkeypatch.setattr(K, "_rows_matmul", spy)
+    monkeypatch.setattr(K, "MATMUL_TILE", 40)
+    monkeypatch.setattr(K, "_tile_products", spy)
     got = K.keops_matmul(kfn, x1, None if sym else x2, v, get=get, use_keops=False)
+    n_forward = len(tiles)
     g_got = torch.autograd.grad(got.sin().sum(), wrt)
 
-    assert shapes[:6] == [25, 25, 25, 25, 25, 5]  # forward blocks (then the recomputation)
+    assert n_forward == (10 if sym else 8)
+    assert len(tiles) == 2 * n_forward  # each tile recomputed once in the backward pass
+    if sym:
+        assert sum(d for _, _, d, _ in tiles[:n_forward]) == 4
+        assert sum(b for _, _, _, b in tiles[:n_forward]) == 6
     torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-13)
     for a, b in zip(g_got, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -73,7 +80,6 @@ def test_tiled_product_without_grad_equals_dense(monkeypatch, get, sym):
             return kfn(a, b, **kw)
 
     monkeypatch.setattr(K, "MATMUL_TILE", 32)
-    monkeypatch.setattr(K, "MATMUL_BLOCK_ENTRIES", 1000)
     with torch.no_grad():
         got = K.keops_matmul(Counting(), x1, None if sym else x2, v, get=get, use_keops=False)
     want = kfn(x1, None if sym else x2, get=get) @ v
@@ -88,7 +94,6 @@ def test_tiled_product_through_the_operator(monkeypatch):
     kfn, x1, _ = _setup(2.0)
     v = torch.randn(130, 2, dtype=F64)
     monkeypatch.setattr(K, "MATMUL_TILE", 40)
-    monkeypatch.setattr(K, "MATMUL_BLOCK_ENTRIES", 1000)
     op = K.NNGPOperator(kfn, x1, noise=0.1, use_keops=False)
     with torch.no_grad():
         got = op @ v
