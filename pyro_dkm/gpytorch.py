@@ -51,7 +51,7 @@ class NNGPKernel(gpytorch.kernels.Kernel):
             lazy :class:`~pyro_dkm.kernels.keops.NNGPOperator` with KeOps products,
             falling back to torch with a warning where impossible) or ``"auto"`` (the
             lazy operator when both inputs have ``>= keops_threshold`` rows; its products
-            run through KeOps on CUDA and through the row-blocked torch kernel on CPU,
+            run through KeOps on CUDA and through the tiled torch kernel on CPU,
             which is faster there). The lazy operator never holds K whole (O(N) memory
             matrix products; linear_operator then uses CG/Lanczos). It needs 2-D inputs
             and an empty ``batch_shape`` (else dense).

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._fused import broadcast_shape
+from ._fused import broadcast_shape, graph_input_grads
 from .nngp import Dense, KernelState, NNGPKernelFn, _Activation
 
 #: entries per row block on CPU (1 MiB in float64; measured best among 2^13..2^18 on one
@@ -187,15 +187,8 @@ class _Checkpointed(torch.autograd.Function):
         state = _block_states(_substitute(ctx.layers, params), x1, x1 if x2 is None else x2,
                               0, x2 is None, any(name == "ntk" for _, name in used))
         outs = [state.cov if name == "nngp" else state.ntk for _, name in used]
-        ins = [x1, x2, *params]
-        wrt = [t for t, n in zip(ins, needs) if n]
-        got = iter(torch.autograd.grad(outs, wrt, [g for g, _ in used], create_graph=True,
-                                       allow_unused=True))
-        res = []
-        for t, n in zip(ins, needs):
-            g = next(got) if n else None
-            res.append(torch.zeros_like(t) if n and g is None else g)
-        return (None, None, *res)
+        return (None, None, *graph_input_grads(outs, [g for g, _ in used], [x1, x2, *params],
+                                               needs))
 
     @staticmethod
     def _backward(ctx, used, x1, x2, params):

@@ -76,23 +76,29 @@ def _erf_elementwise(eps):
     return lambda k12, k11, k22: erf_expectations(k12, k11, k22, eps=eps)
 
 
+def graph_input_grads(outs, grads, ins, needs) -> list:
+    """For a custom backward under ``create_graph=True``: the gradients of ``outs`` (with
+    output gradients ``grads``, ``None`` entries skipped) w.r.t. those ``ins`` whose
+    ``needs`` is true, with the graph recorded (so they can be differentiated again);
+    ``None`` for the others, zeros where an input is unused."""
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+    wrt = [t for t, n in zip(ins, needs) if n]
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                   create_graph=True, allow_unused=True))
+    res = []
+    for t, n in zip(ins, needs):
+        g = next(got) if n else None
+        res.append(torch.zeros_like(t) if n and g is None else g)
+    return res
+
+
 def _graph_grads(ctx, elementwise, grads) -> tuple:
     """The input gradients of a fused node under ``create_graph=True``: autograd of the
     node's elementwise form ``elementwise(k12, k11, k22) -> (cov, dot)`` on the saved inputs,
     recorded, so higher derivatives exist (the hand-derived backward is not itself
     differentiable). The same first derivatives as the hand-derived backward."""
     ins = ctx.saved_tensors[:3]
-    need = ctx.needs_input_grad[:3]
-    outs = elementwise(*ins)
-    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
-    wrt = [t for t, n in zip(ins, need) if n]
-    got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
-                                   create_graph=True, allow_unused=True))
-    res = []
-    for t, n in zip(ins, need):
-        g = next(got) if n else None
-        res.append(torch.zeros_like(t) if n and g is None else g)
-    return (*res, None)
+    return (*graph_input_grads(elementwise(*ins), grads, ins, ctx.needs_input_grad[:3]), None)
 
 
 class _ArcCosine(torch.autograd.Function):

@@ -68,8 +68,8 @@ __all__ = [
 ]
 
 #: ``use_keops="auto"`` uses KeOps on a CUDA device when both sizes are at least this many
-#: rows. On CPU "auto" never does: there the row-blocked torch product (``use_keops=False``)
-#: is 1.6-2.3x faster per product than KeOps (docs/keops.md) and, like KeOps, never holds K
+#: rows. On CPU "auto" never does: there the tiled torch product (``use_keops=False``)
+#: is 1.7-4.3x faster per product than KeOps (docs/keops.md) and, like KeOps, never holds K
 #: whole. The CUDA value is a guess pending GPU measurements (no GPU was lent so far).
 DEFAULT_KEOPS_THRESHOLD = 20000
 
@@ -414,8 +414,8 @@ class _TensorDense(Dense):
 
 class NNGPOperator(LinearOperator):
     r"""The NNGP/NTK kernel matrix ``K(x1, x2) (+ noise I)`` as a linear_operator
-    ``LinearOperator``, whose matrix products never materialise K (KeOps, or torch row
-    blocks: see :func:`keops_matmul`'s ``use_keops``).
+    ``LinearOperator``, whose matrix products never materialise K (KeOps, or torch
+    tiles: see :func:`keops_matmul`'s ``use_keops``).
 
     linear_operator's CG / Lanczos (``op.solve``, ``op.inv_quad_logdet``,
     ``gpytorch.settings``) then do exact GP regression without materialising K;
@@ -428,7 +428,7 @@ class NNGPOperator(LinearOperator):
         get: ``"nngp"`` or ``"ntk"``.
         noise: observation-noise variance added to the diagonal (square operators only).
         use_keops: ``True``, ``False`` or ``"auto"`` (as for :func:`keops_matmul`: KeOps on
-            CUDA from ``threshold`` rows, the row-blocked torch product otherwise).
+            CUDA from ``threshold`` rows, the tiled torch product otherwise).
     """
 
     def __init__(self, *args, get: str = "nngp", noise=0.0, use_keops="auto",
@@ -631,7 +631,7 @@ def exact_predict(kfn: NNGPKernelFn, x: Tensor, y: Tensor, x_test: Tensor, *, no
     :math:`k_{**} - k_*^T K_y^{-1} k_*` ``(n_test,)`` (one block CG solve per ``block`` test
     points; else ``None``); and :math:`y^T K_y^{-1} y` (scalar), with
     :math:`K_y = K(x, x) + \text{noise}\, I`. ``use_keops``: as for
-    :func:`keops_matmul` (``"auto"``: KeOps on CUDA, row-blocked torch on CPU, where it is
+    :func:`keops_matmul` (``"auto"``: KeOps on CUDA, tiled torch on CPU, where it is
     faster). ``cg``: keyword arguments of :func:`cg_solve`.
 
     The Student-t process with an InvGamma(a, b) scale prior has the same mean, and
