@@ -46,8 +46,10 @@ D = 8
 NOISE = 0.1
 
 
-def _kfn():
-    return serial(Dense(2.0, 0.1), Relu(), Dense(2.0, 0.1), Relu(), Dense(1.0, 0.05))
+def _kfn(depth=2):
+    """serial(Dense(2, 0.1), Relu) x depth, then Dense(1, 0.05)."""
+    return serial(*[m for _ in range(depth) for m in (Dense(2.0, 0.1), Relu())],
+                  Dense(1.0, 0.05))
 
 
 def _data(n, seed, dtype, device):
@@ -92,8 +94,7 @@ def _measure(task, n, args, q):
     mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
     assert bool(torch.isfinite(out).all())
-    q.put((dt, mem / 2**20, calls[0] if task.endswith("_solve") and task != "dense_solve"
-           else None))
+    q.put((dt, mem / 2**20, calls[0] if task in ("keops_solve", "blocked_solve") else None))
 
 
 def measure(task, n, args):
@@ -111,8 +112,7 @@ def gp_regression(n, args):
     """Exact NNGP GP regression (preconditioned CG) on n synthetic training points; returns
     (test RMSE, seconds, CG iterations, final relative residual)."""
     x, y = _data(n + 2000, args.seed, args.torch_dtype, args.torch_device)
-    kfn = _kfn() if args.gp_depth == 2 else serial(
-        *[m for _ in range(args.gp_depth) for m in (Dense(2.0, 0.1), Relu())], Dense(1.0, 0.05))
+    kfn = _kfn(args.gp_depth)
     info = {}
     t = time.perf_counter()
     mean, _, _ = exact_predict(kfn, x[:n], y[:n], x[n:], noise=NOISE,
