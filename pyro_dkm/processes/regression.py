@@ -192,21 +192,34 @@ class StudentTProcessRegression(_ExactRegression):
               \quad K_y = K + \sigma^2 I \;\Rightarrow\;
               y \sim \mathrm{MVT}(2a, 0, \tfrac ba K_y).
 
-    Learnable (``PyroParam``): ``concentration`` ``a``, ``rate`` ``b``, ``noise``
-    :math:`\sigma^2` and the kernel's parameters. The default kernel is
-    :class:`NNGPCovariance` with its ``variance`` fixed at 1 (``b`` sets the scale).
+    Learnable (``PyroParam``): ``concentration`` ``a`` (unless ``learn_concentration=False``),
+    ``rate`` ``b``, ``noise`` :math:`\sigma^2` and the kernel's parameters. The default
+    kernel is :class:`NNGPCovariance` with its ``variance`` fixed at 1 (``b`` sets the
+    scale).
+
+    Maximising :meth:`log_marginal` over ``a`` usually sends it to its Gaussian limit
+    (``a -> inf``): one draw of ``y`` says little about the tail of the scale prior. With
+    ``a`` fixed (a prior choice; the paper's code starts at ``a = 2``) the maximising
+    rate is ``b = a q / n`` (``q = y^T K_y^{-1} y``), and the predictive has exactly the
+    centre and scale of the type-II ML GP with a fitted amplitude, with ``2a + n``
+    degrees of freedom instead of Gaussian tails (docs/processes.md).
 
     Args:
         X: ``(n, d)`` inputs; y: ``(n,)`` targets (standardise them: zero prior mean).
         kernel: callable kernel (``NNGPCovariance``, ``serial(...)``, a GPyTorch kernel).
         concentration, rate, noise: initial values.
+        learn_concentration: register ``a`` as a parameter (else a fixed buffer).
     """
 
     def __init__(self, X: Tensor, y: Tensor, kernel: Callable | None = None, *,
-                 concentration: float = 2.0, rate: float = 2.0, noise: float = 0.1):
+                 concentration: float = 2.0, rate: float = 2.0, noise: float = 0.1,
+                 learn_concentration: bool = True):
         super().__init__(X, y, kernel, noise=noise)
-        self.concentration = PyroParam(_pos(concentration, "concentration"),
-                                       constraints.positive)
+        a = _pos(concentration, "concentration")
+        if learn_concentration:
+            self.concentration = PyroParam(a, constraints.positive)
+        else:
+            self.register_buffer("concentration", a)
         self.rate = PyroParam(_pos(rate, "rate"), constraints.positive)
 
     def _default_kernel(self):

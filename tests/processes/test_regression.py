@@ -96,6 +96,50 @@ def test_fit_improves_the_marginal_likelihood_and_models_do_not_share_parameters
     assert all(math.isfinite(h) for h in hist)
 
 
+def test_fixed_concentration_is_the_ml_gp_predictive_with_student_t_tails():
+    # a fixed, (b, noise) fitted: the rate's stationarity gives b = a q / n, and the
+    # predictive has the centre and scale of the type-II ML GP (amplitude, noise fitted)
+    # with df = 2a + n (docs/processes.md). Same kernel shape (w, b frozen) in both.
+    X, y, Xs, _ = data(n=40)
+    a = 2.0
+
+    def kernel(learn):
+        k = NNGPCovariance(weight_var=1.5, bias_var=0.2, learn_variance=learn)
+        for name in ("weight_var_unconstrained", "bias_var_unconstrained"):
+            getattr(k, name).requires_grad_(False)
+        return k
+
+    tp = StudentTProcessRegression(X, y, kernel(False), concentration=a,
+                                   learn_concentration=False)
+    gp = GaussianProcessRegression(X, y, kernel(True))
+    assert "concentration" not in dict(tp.named_parameters())
+    fit(tp, steps=200, optimizer="lbfgs")
+    fit(gp, steps=200, optimizer="lbfgs")
+    with torch.no_grad():
+        assert float(tp.concentration) == a
+        _, q = tp._stats()
+        n = len(y)
+        # fitted values: L-BFGS stops at a gradient of 1e-7 per point, i.e. ~1e-5 relative
+        assert float(tp.rate) == pytest.approx(a * float(q) / n, rel=1e-5)
+        ratio = float(gp.noise / gp.kernel.variance)
+        assert float(tp.noise) == pytest.approx(ratio, rel=1e-4)
+        pt, pg = tp.predict(Xs), gp.predict(Xs)
+        assert torch.all(pt.df == 2 * a + n)
+        assert torch.allclose(pt.loc, pg.loc, rtol=1e-4, atol=1e-8)
+        assert torch.allclose(pt.scale, pg.scale, rtol=1e-4)
+        # at the exact stationary points (same noise ratio) they agree to rounding
+        tp.rate = a * q / n
+        gp.kernel.variance = q / n
+        gp.noise = tp.noise * q / n
+        pt, pg = tp.predict(Xs), gp.predict(Xs)
+        assert torch.allclose(pt.loc, pg.loc, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(pt.scale, pg.scale, rtol=1e-10)
+    # learning a instead runs towards the Gaussian limit on these (Gaussian) data
+    free = StudentTProcessRegression(X, y, kernel(False), concentration=a)
+    fit(free, steps=200, optimizer="lbfgs")
+    assert float(free.concentration.detach()) > 10 * a
+
+
 def test_spectral_problem_agrees_with_the_dense_models():
     X, y, Xs, _ = data(n=25)
     kern = NNGPCovariance(learn_variance=False)

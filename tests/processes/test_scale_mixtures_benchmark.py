@@ -27,8 +27,20 @@ def test_scale_mixtures_benchmark_quick(tmp_path):
     assert "Test NLL wins vs NNGP-GP" in res.stdout.splitlines()[-1]
     rows = json.loads(out.read_text())["rows"]
     models = {r["model"] for r in rows if r["metric"] == "test NLL"}
-    assert models == {"NNGP-GP", "NNGP-GP (s=1)", "Student-t", "Burr XII", "GP + t-noise",
-                      "Student-t + t-noise"}
+    assert models == {"NNGP-GP", "NNGP-GP (s=1)", "Student-t", "Student-t (a fixed)",
+                      "Burr XII", "GP + t-noise", "Student-t + t-noise"}
+    # the held-shape Student-t is the GP's predictive with t tails: its NLL difference is
+    # the first-order tail term -(E z^4 - 2 E z^2 - 1) / (4 (2a + n)) up to O(n^-2)
+    get = {(r["dataset"], r["model"], r["metric"]): r["mean"] for r in rows}
+    for v in ("standard", "shifted", "cauchy"):
+        d = f"yacht/{v}"
+        measured = get[(d, "Student-t (a fixed)", "NLL - GP's")]
+        assert measured == pytest.approx(get[(d, "Student-t (a fixed)", "test NLL")]
+                                         - get[(d, "NNGP-GP", "test NLL")], abs=1e-12)
+        assert measured == pytest.approx(get[(d, "Student-t (a fixed)",
+                                              "first-order NLL - GP's")], rel=0.05, abs=2e-5)
+        assert get[(d, "Student-t (a fixed)", "RMSE")] == pytest.approx(
+            get[(d, "NNGP-GP", "RMSE")], rel=1e-8)
     datasets = {r["dataset"] for r in rows if r["metric"] == "test NLL"}
     assert datasets == {"yacht/standard", "yacht/shifted", "yacht/cauchy"}
     assert all(math.isfinite(r["mean"]) for r in rows)
