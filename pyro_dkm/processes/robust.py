@@ -271,14 +271,22 @@ def robust_vb(K: Tensor, y: Tensor, *, noise: float = 0.1, df: float = 4.0,
             break
         if it == max_iter:
             break
-        if learn:  # M-step at fixed q
-            fixed = {k: v for k, v in params.items() if k not in learn}
+        # M-step at fixed q. Not nu on the first sweep from the default u = 0: with
+        # E[1/lam_i] = 1 for all i the bound is largest at nu -> inf whatever the data,
+        # and from there EM only crawls back (1e-5 nats per sweep: a false convergence)
+        step = tuple(k for k in learn if not (k == "df" and it == 0 and u0 is None))
+        if step:
+            fixed = {k: v for k, v in params.items() if k not in step}
 
             def objective(_sp=sp, _fixed=fixed, _u=u, _qs=qs, **kw):
-                return bound(_sp, {**_fixed, **kw}, _u, _qs)
+                p = {**_fixed, **kw}
+                # t process: q(s) profiled out (its optimum given the noise), so the
+                # M-step moves along the ridge c * sigma^2 = const in one step instead of
+                # zig-zagging between sigma^2 and q(s) over many sweeps
+                return bound(_sp, p, _u, _qs if process == "gp" else scale_update(_sp, p))
 
-            new, val = maximise_positive(objective, {k: params[k] for k in learn},
-                                         bounds={k: bnds[k] for k in learn})
+            new, val = maximise_positive(objective, {k: params[k] for k in step},
+                                         bounds={k: bnds[k] for k in step})
             if val >= value:
                 params.update(new)
         if process == "student_t":  # E-step: q(f) q(s) jointly, then q(lam)
