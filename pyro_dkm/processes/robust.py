@@ -192,7 +192,9 @@ def robust_vb(K: Tensor, y: Tensor, *, noise: float = 0.1, df: float = 4.0,
             fixed: type-II ML of ``(a, b)`` under this bound drives ``q(s)`` to a point
             mass, i.e. back to the GP).
         learn: subset of ``("amplitude", "noise", "df")`` (``amplitude`` only for the GP);
-            default: all of them.
+            default: all of them. ``df`` is not moved on the first sweep from the default
+            ``u0`` (``E[1/lam] = 1``, where the bound always prefers ``nu -> inf``). For the
+            t process ``q(s)`` is profiled out of the M-step.
         bounds: ``{name: (lo, hi)}`` for the M-step (defaults ``amplitude`` 1e-8..1e8,
             ``noise`` 1e-6..1e6, ``df`` 0.5..1e6).
         u0: initial state (default 0: ``E[1/lam] = 1``, the Gaussian fit);
