@@ -2,10 +2,10 @@
 
 Fits four exact models with the same NNGP kernel (ReLU network, 2 hidden layers) by
 maximising their log marginal likelihood with L-BFGS (kernel variances, scale prior
-parameters and noise; the fourth holds the Student-t shape a = 2 as a prior choice),
-then prints test RMSE / NLL in original units (MPa), the training
-log marginal likelihood (for model comparison) and the posterior over the scale of the
-Burr XII model computed by quadrature and by the paper's importance sampling.
+parameters and noise; the third holds the Student-t shape a = 2 as a prior choice), then
+prints test RMSE / NLL in original units (MPa), the training log marginal likelihood (for
+model comparison) and the posterior over the scale of the Burr XII model computed by
+quadrature and by the paper's importance sampling.
 
     python examples/student_t_regression.py               # < 1 minute on one core
     python examples/student_t_regression.py --plot sm.png # also plot p(s | y)
