@@ -36,3 +36,7 @@ def test_funbat_benchmark_quick(tmp_path):
         "funbat-tucker-3 N=1000", "funbat-tucker-3 N=4000"}
     assert "Summary: beijing_pm25: best FunBaT" in res.stdout
     assert "linear in N" in res.stdout
+    # each FunBaT model is fitted from two ALS-start seeds, kept by validation RMSE
+    per_restart = [line for line in res.stderr.splitlines()
+                   if "validation RMSE per restart:" in line]
+    assert len(per_restart) == 2 and all(line.count(",") == 1 for line in per_restart)
