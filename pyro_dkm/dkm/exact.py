@@ -24,7 +24,8 @@ from torch.distributions import constraints
 
 from ..kernels.gram import GramKernel
 from ..linalg import check_tensor, cholesky, cholesky_solve, gaussian_log_marginal, solve_tril
-from .layers import GramLayer, InputGram, KernelLayer, claim_param_store, propagate_gram
+from .._pyro import sync_param_store
+from .layers import GramLayer, InputGram, KernelLayer, propagate_gram
 from .model import _per_layer
 
 __all__ = ["ExactDeepKernelMachine"]
@@ -60,7 +61,7 @@ class ExactDeepKernelMachine(PyroModule):
             raise ValueError(f"noise must be positive, got {noise}")
         self.depth = depth
         self.out_channels = 1 if y.dim() == 1 else y.shape[1]
-        self.likelihood = "gaussian"
+        self.likelihood_name = "gaussian"
         self.register_buffer("X_train", X.detach().to(dtype).clone())
         self.register_buffer("y_train", (y[:, None] if y.dim() == 1 else y).detach().to(dtype))
         nus = [float(v) for v in _per_layer(nu, depth, "nu")]
@@ -95,7 +96,7 @@ class ExactDeepKernelMachine(PyroModule):
     @pyro_method
     def grams(self) -> tuple[list[Tensor], Tensor, list[Tensor]]:
         """Learned Grams ``[G_1..G_L]``, top kernel ``K(G_L)`` and per-layer KLs."""
-        claim_param_store(self)
+        sync_param_store(self)
         G = self._input_gram()
         Gs, kls = [], []
         for kern, gl in zip(self.kernel_layers, self.gram_layers):

@@ -41,29 +41,8 @@ from ..linalg import (
 )
 from .gram_blocks import GramBlocks
 
-__all__ = ["InputGram", "KernelLayer", "GramLayer", "propagate_gram", "KERNELS",
-           "claim_param_store"]
+__all__ = ["InputGram", "KernelLayer", "GramLayer", "propagate_gram", "KERNELS"]
 
-
-def claim_param_store(root: PyroModule) -> None:
-    """Make Pyro's global parameter store hold ``root``'s own parameter objects.
-
-    ``PyroModule`` names parameters by attribute path (``"output.u_loc"``), so a second
-    model in the same process would silently pick up the first one's stale store entries
-    (and ``pyro.optim`` would then train those). Entries under our names that are not our
-    objects are dropped; the module re-registers its own on first access.
-    """
-    import pyro
-
-    store = pyro.get_param_store()
-    if not len(store):
-        return
-    prefix = root._pyro_name + "." if root._pyro_name else ""
-    for name, p in root.named_parameters():
-        key = prefix + (name[: -len("_unconstrained")] if name.endswith("_unconstrained")
-                        else name)
-        if key in store and store._params[key] is not p:
-            del store[key]
 
 #: names accepted by :class:`KernelLayer` (learnable hyper-parameters in brackets):
 #: ``"relu"`` (arc-cosine, variance 2), ``"erf"``, ``"sqexp"`` [lengthscale],

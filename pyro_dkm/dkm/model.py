@@ -7,62 +7,52 @@ Objective (maximised; minibatch-unbiased)
           \mathcal N(0,K(G^{l-1})_{ii})\big)
           - \sum_c \mathrm{KL}\big(q(u_c)\,\|\,\mathcal N(0,K(G^L)_{ii})\big).
 
-``model`` adds ``pyro.factor(f"kl_{l}", -nu_l * KL_l)`` per learned Gram layer, samples
-``u ~ N(0, K_ii)`` (site ``"u"``, event shape ``(C, M)``) and observes ``y`` inside
-``pyro.plate("data", N, subsample_size=...)``; ``guide`` samples ``u ~ q(u)``. With
-``TraceMeanField_ELBO`` the ELBO equals :meth:`DeepKernelMachine.objective` exactly
-(Gaussian likelihood).
+The DKM is a *latent function*: inside any Pyro model, ``f = dkm(X)`` adds
+``pyro.factor("<prefix>.kl_{l}", -nu_l * KL_l)`` per learned Gram layer, samples
+``u ~ N(0, K_ii)`` (site ``"<prefix>.u"``, event shape ``(C, M)``) and returns the latent
+marginal ``Normal`` at the rows of ``X``; ``dkm.guide(X)`` samples ``u ~ q(u)``. The
+caller observes ``y`` under any :mod:`~pyro_dkm.likelihoods` object inside its own
+plate. :meth:`DeepKernelMachine.model` is exactly that with the DKM's own likelihood
+and a ``pyro.plate("<prefix>.data", N, subsample_size=...)``; with
+``TraceMeanField_ELBO`` its ELBO equals :meth:`DeepKernelMachine.objective` exactly
+(Gaussian likelihood). The constructor runs no Pyro code, so any number of DKMs can
+live in one parent ``PyroModule`` (their Pyro names follow the attribute path).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from typing import Sequence
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule, PyroParam
 from pyro.nn.module import pyro_method
 from torch import Tensor
 from torch.distributions import constraints, transform_to
 
+from .._pyro import sync_param_store
 from ..kernels.gram import GramKernel
+from ..likelihoods import Categorical, Gaussian, Likelihood, as_likelihood
 from ..linalg import check_tensor, cholesky, cholesky_solve, solve_tril
 from .gram_blocks import GramBlocks
-from .layers import GramLayer, InputGram, KernelLayer, claim_param_store
+from .inducing import select_inducing_points
+from .layers import GramLayer, InputGram, KernelLayer
 from .output import SparseGPOutput, conditional_weights
 
-__all__ = ["DeepKernelMachine", "select_inducing_points"]
-
-LIKELIHOODS = ("gaussian", "categorical")
+__all__ = ["DeepKernelMachine", "select_inducing_points", "outside_data_plates"]
 
 
-def select_inducing_points(X: Tensor, num_inducing: int, *, method: str = "kmeans",
-                           seed: int = 0, iters: int = 25) -> Tensor:
-    """Pick ``num_inducing`` inducing inputs from ``X`` ``(N, d)``: a random subset
-    (``method="random"``) or k-means centres started from one (``"kmeans"``, default)."""
-    check_tensor(X, "X", ndim=2)
-    N = X.shape[0]
-    if not isinstance(num_inducing, int) or num_inducing < 1:
-        raise ValueError(f"num_inducing must be a positive int, got {num_inducing!r}")
-    if num_inducing > N:
-        raise ValueError(f"num_inducing ({num_inducing}) cannot exceed the number of rows of X "
-                         f"({N})")
-    if method not in ("kmeans", "random"):
-        raise ValueError(f"method must be 'kmeans' or 'random', got {method!r}")
-    g = torch.Generator().manual_seed(seed)
-    Z = X[torch.randperm(N, generator=g)[:num_inducing]].clone()
-    if method == "random":
-        return Z
-    for _ in range(iters):
-        assign = torch.cdist(X, Z).argmin(1)
-        counts = torch.bincount(assign, minlength=num_inducing).to(X.dtype)
-        sums = torch.zeros_like(Z).index_add_(0, assign, X)
-        keep = counts > 0  # empty clusters keep their centre
-        Z[keep] = sums[keep] / counts[keep, None]
-    return Z
+def outside_data_plates(what: str) -> None:
+    """Raise if called inside a ``pyro.plate`` (other than Pyro's particle plate): a
+    global site there would be broadcast over, and scaled by, the plate."""
+    frames = [f for f in pyro.poutine.runtime.get_plates()
+              if not f.name.startswith("num_particles")]
+    if frames:
+        raise ValueError(
+            f"{what} must be called outside pyro.plate (found plate {frames[-1].name!r}): "
+            f"its KL factors and inducing outputs are global sites. Call it on the batch "
+            f"first, then observe y under the likelihood inside your plate.")
 
 
 def _per_layer(value, n: int, name: str) -> list:
@@ -96,8 +86,13 @@ class DeepKernelMachine(PyroModule):
             of ``L + 1`` (the last one feeds the output GP).
         out_channels: output channels ``C`` (Gaussian); for ``"categorical"`` the number
             of classes (default 2 if left at 1).
-        likelihood: ``"gaussian"`` (learned noise variance ``noise``) or ``"categorical"``
-            (softmax, Monte Carlo over ``num_likelihood_samples`` draws of ``f``).
+        likelihood: a :class:`~pyro_dkm.likelihoods.Likelihood` (``Gaussian``,
+            ``StudentT``, ``Bernoulli``, ``Poisson``, ``Categorical``, or any
+            ``FunctionLikelihood``), a name of one, or a callable ``f -> Distribution``.
+            ``"gaussian"`` gets variance ``noise``; ``"categorical"`` a softmax with
+            ``num_likelihood_samples`` Monte-Carlo draws. Used by :meth:`model`,
+            :meth:`objective` and :meth:`predict`; :meth:`forward` (the latent function)
+            does not use it.
         noise: initial Gaussian noise variance.
         kl: ``"exact"`` or ``"taylor"`` KL for the Gram layers.
         learn_inducing: learn the inducing inputs.
@@ -114,8 +109,13 @@ class DeepKernelMachine(PyroModule):
             (``input_layer.input_lengthscale``, a ``PyroParam``).
         dtype: parameter dtype (default float64); inputs are cast to it.
 
-    Hyper-parameters (``noise``, kernel ``lengthscale``s) are ``PyroParam``; replace any with
-    a ``PyroSample`` prior (and give it a guide, e.g. with ``AutoGuideList``).
+    Hyper-parameters (``noise``, i.e. ``likelihood.variance``, kernel ``lengthscale``s) are
+    ``PyroParam``; replace any with a ``PyroSample`` prior (and give it a guide, e.g. with
+    ``AutoGuideList``).
+
+    As a latent function inside a bigger model (``self.mean_dkm = DeepKernelMachine(...)``
+    in a ``PyroModule``): ``f = self.mean_dkm(X_batch)`` in the model (outside the data
+    plate) and ``self.mean_dkm.guide(X_batch)`` in the guide.
     """
 
     def __init__(
@@ -142,18 +142,22 @@ class DeepKernelMachine(PyroModule):
         check_tensor(inducing_points, "inducing_points", ndim=2)
         if not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be a non-negative int, got {depth!r}")
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
-        if likelihood == "categorical" and out_channels == 1:
+        if likelihood == "gaussian":
+            if not noise > 0:
+                raise ValueError(f"noise must be positive, got {noise}")
+            lik = Gaussian(noise)
+        elif likelihood == "categorical":
+            lik = Categorical(num_samples=num_likelihood_samples)
+        else:
+            lik = as_likelihood(likelihood)
+        if isinstance(lik, Categorical) and out_channels == 1:
             out_channels = 2
         if not isinstance(out_channels, int) or out_channels < 1:
             raise ValueError(f"out_channels must be a positive int, got {out_channels!r}")
-        if likelihood == "categorical" and out_channels < 2:
+        if isinstance(lik, Categorical) and out_channels < 2:
             raise ValueError("a categorical likelihood needs out_channels >= 2 classes")
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        if not noise > 0:
-            raise ValueError(f"noise must be positive, got {noise}")
         M = inducing_points.shape[0]
         if M < 1:
             raise ValueError("inducing_points must hold at least one inducing point")
@@ -168,7 +172,7 @@ class DeepKernelMachine(PyroModule):
         self.depth = depth
         self.num_inducing = M
         self.out_channels = out_channels
-        self.likelihood = likelihood
+        self.likelihood = lik
         self.analytic_expectation = bool(analytic_expectation)
         self.num_likelihood_samples = int(num_likelihood_samples)
         nus = [float(v) for v in _per_layer(nu, depth, "nu")]
@@ -180,9 +184,6 @@ class DeepKernelMachine(PyroModule):
         self.gram_layers = PyroModule[torch.nn.ModuleList](
             [GramLayer(M, nu=v, kl=kl, parameterisation=gram_parameterisation) for v in nus])
         self.output = SparseGPOutput(M, out_channels, shared_covariance)
-        if likelihood == "gaussian":
-            self.noise = PyroParam(torch.tensor(float(noise), dtype=torch.float64),
-                                   constraints.positive)
         self.to(dtype)
         self.reset_to_nngp()
 
@@ -193,6 +194,29 @@ class DeepKernelMachine(PyroModule):
         return self.input_layer.inducing_points.dtype
 
     @property
+    def likelihood_name(self) -> str:
+        """``"gaussian"``, ``"categorical"`` or the likelihood's class name."""
+        if isinstance(self.likelihood, Gaussian):
+            return "gaussian"
+        if isinstance(self.likelihood, Categorical):
+            return "categorical"
+        return type(self.likelihood).__name__.lower()
+
+    @property
+    def noise(self) -> Tensor:
+        """The Gaussian likelihood's variance (``likelihood.variance``); assign a
+        ``PyroSample`` to put a prior on it."""
+        if not isinstance(self.likelihood, Gaussian):
+            raise AttributeError(f"noise: this DKM has a {type(self.likelihood).__name__} "
+                                 f"likelihood, not a Gaussian one")
+        return self.likelihood.variance
+
+    def __setattr__(self, name, value):
+        if name == "noise":
+            return setattr(self.likelihood, "variance", value)
+        return super().__setattr__(name, value)
+
+    @property
     def nu(self) -> list[float]:
         return [layer.nu for layer in self.gram_layers]
 
@@ -200,13 +224,14 @@ class DeepKernelMachine(PyroModule):
     def reset_to_nngp(self) -> None:
         """Set every learned Gram to the NNGP value ``K(G_{l-1})_ii`` and ``q(u)`` to the
         prior ``N(0, K_ii)`` (the initial state)."""
-        claim_param_store(self)
-        G = self.input_layer(self.input_layer.inducing_points[:1])
+        # .forward, not __call__: no Pyro context is entered (the constructor must run no
+        # Pyro code, or the module could not be attached to a parent PyroModule later)
+        G = self.input_layer.forward(self.input_layer.inducing_points[:1])
         for kern, gl in zip(self.kernel_layers, self.gram_layers):
-            K = kern(G)
+            K = kern.forward(G)
             gl.reset_to_prior(K.ii)
-            G, _ = gl(K)
-        K = self.kernel_layers[-1](G)
+            G, _ = gl.forward(K)
+        K = self.kernel_layers[-1].forward(G)
         K_tril = cholesky(K.ii, name="K_ii (top-layer kernel at the inducing points)")
         _set_param(self.output, "u_loc", torch.zeros_like(self.output.u_loc))
         S = K_tril if self.output.shared_covariance else K_tril.expand(
@@ -224,7 +249,8 @@ class DeepKernelMachine(PyroModule):
         return X.to(device=self.input_layer.inducing_points.device, dtype=self.dtype)
 
     def _check_y(self, y, N: int, name: str = "y") -> Tensor | None:
-        """Returns ``(N, C)`` floats (Gaussian) or ``(N,)`` class indices (categorical)."""
+        """Returns ``(N, C)`` values (scalar likelihoods) or ``(N,)`` class indices
+        (categorical); the likelihood checks the support (counts, 0/1 labels, ...)."""
         if y is None:
             return None
         if not isinstance(y, Tensor):
@@ -232,7 +258,8 @@ class DeepKernelMachine(PyroModule):
         if y.shape[0:1] != (N,):
             raise ValueError(f"{name} must have {N} rows, one per row of X, got shape "
                              f"{tuple(y.shape)}")
-        if self.likelihood == "categorical":
+        device = self.input_layer.inducing_points.device
+        if isinstance(self.likelihood, Categorical):
             if y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
                 raise TypeError(f"{name} must be a 1-d integer tensor of class indices for a "
                                 f"categorical likelihood, got dtype {y.dtype}, shape "
@@ -241,16 +268,17 @@ class DeepKernelMachine(PyroModule):
             if bool(((y < 0) | (y >= C)).any()):
                 raise ValueError(f"{name} holds class indices outside [0, {C - 1}] "
                                  f"(min {int(y.min())}, max {int(y.max())})")
-            return y.long().to(self.input_layer.inducing_points.device)
-        check_tensor(y, name)
+            return y.long().to(device)
+        check_tensor(y, name, floating=isinstance(self.likelihood, Gaussian))
         C = self.out_channels
+        y = y.to(device=device, dtype=self.dtype)
         if y.dim() == 1 and C == 1:
-            return y.to(device=self.input_layer.inducing_points.device,
-                        dtype=self.dtype)[:, None]
+            y = y[:, None]
         if y.dim() != 2 or y.shape[1] != C:
             raise ValueError(f"{name} must have shape (N,) or (N, {C}) for {C} output "
                              f"channel(s), got shape {tuple(y.shape)}")
-        return y.to(device=self.input_layer.inducing_points.device, dtype=self.dtype)
+        self.likelihood.check_y(y)
+        return y
 
     @pyro_method
     def forward_blocks(self, X: Tensor) -> tuple[GramBlocks, Tensor, list[Tensor]]:
@@ -271,84 +299,95 @@ class DeepKernelMachine(PyroModule):
         K, K_tril, _ = self.forward_blocks(X)
         return self.output.marginals(*conditional_weights(K, K_tril))
 
+    def _squeeze(self, t: Tensor) -> Tensor:
+        """``(T, C)`` -> ``(T,)`` for one channel of a scalar likelihood."""
+        if self.out_channels == 1 and not isinstance(self.likelihood, Categorical):
+            return t[..., 0]
+        return t
+
     def expected_log_likelihood(self, mean: Tensor, var: Tensor, y: Tensor) -> Tensor:
-        """``E_{N(f; mean, var)} log p(y | f)`` per point ``(T,)`` (Gaussian: closed form;
-        categorical: Monte Carlo)."""
-        if self.likelihood == "gaussian":
-            noise = self.noise
-            return (-0.5 * math.log(2 * math.pi) - 0.5 * noise.log()
-                    - 0.5 * ((y - mean).pow(2) + var) / noise).sum(-1)
-        S = self.num_likelihood_samples
-        f = mean + var.sqrt() * torch.randn((S,) + mean.shape, dtype=mean.dtype,
-                                            device=mean.device)
-        logp = torch.log_softmax(f, -1)  # (S, T, C)
-        return logp.gather(-1, y[None, :, None].expand(S, -1, 1)).squeeze(-1).mean(0)
+        """``E_{N(f; mean, var)} log p(y | f)`` per point ``(T,)`` (summed over channels)
+        under the DKM's likelihood."""
+        ell = self.likelihood.expected_log_prob(mean, var, y)
+        return ell.sum(-1) if ell.dim() > 1 else ell
 
     # ------------------------------------------------------------------ Pyro
     @pyro_method
+    def forward(self, X: Tensor) -> torch.distributions.Normal:
+        """The DKM as a latent function inside a Pyro model (call it outside the data
+        plate, on the rows of this step's batch).
+
+        Registers ``"<prefix>.kl_{l}"`` factors (``-nu_l KL_l``) and the inducing outputs
+        ``"<prefix>.u" ~ N(0, K_ii)``, and returns the marginal ``Normal`` of the latent
+        ``f`` at the rows of ``X``: batch shape ``(N,)`` for one output channel, ``(N, C)``
+        otherwise. With ``analytic_expectation`` it is the marginal under ``q(u)`` (so a
+        likelihood's expectation under it is the exact ELBO term), else ``p(f | u)`` for
+        the sampled ``u``.
+        """
+        outside_data_plates(f"{type(self).__name__}.forward (dkm(X))")
+        sync_param_store(self)
+        X = self._check_X(X)
+        K, K_tril, kls = self.forward_blocks(X)
+        for l, (kl, layer) in enumerate(zip(kls, self.gram_layers)):
+            pyro.factor(self._pyro_get_fullname(f"kl_{l}"), -layer.nu * kl)
+        u = pyro.sample(self._pyro_get_fullname("u"), self.output.prior(K_tril))
+        W, resid = conditional_weights(K, K_tril)
+        mean, var = self.output.marginals(W, resid, None if self.analytic_expectation else u)
+        # a zero variance is legitimate (p(f | u) at an inducing input): no validation
+        return torch.distributions.Normal(self._squeeze(mean),
+                                          self._squeeze(var).clamp_min(0).sqrt(),
+                                          validate_args=False)
+
+    @pyro_method
     def model(self, X: Tensor, y: Tensor | None = None, *, subsample_size: int | None = None,
               num_data: int | None = None):
-        """Pyro model. ``X`` ``(N, d)``; ``y`` ``(N,)``/``(N, C)`` floats or ``(N,)`` classes.
+        """Pyro model: :meth:`forward` on the batch, then the DKM's likelihood inside
+        ``pyro.plate("<prefix>.data", N)``. ``X`` ``(N, d)``; ``y`` ``(N,)``/``(N, C)``
+        values or ``(N,)`` classes.
 
         ``subsample_size``: draw a random minibatch of ``X`` inside the plate;
         ``num_data``: ``X``/``y`` already are a minibatch of a data set of this size.
         """
-        claim_param_store(self)
+        sync_param_store(self)
         X = self._check_X(X)
         N = X.shape[0]
         y = self._check_y(y, N)
+        name = self._pyro_get_fullname("data")
+        if subsample_size is not None and not 1 <= int(subsample_size) <= N:
+            raise ValueError(f"subsample_size must be in [1, {N}] (the rows of X), got "
+                             f"{subsample_size}")
         if num_data is None:
-            data_plate = pyro.plate("data", N, subsample_size=subsample_size, device=X.device)
+            data_plate = pyro.plate(name, N, subsample_size=subsample_size, device=X.device)
         else:
             if num_data < N:
                 raise ValueError(f"num_data ({num_data}) must be >= the batch size ({N})")
-            data_plate = pyro.plate("data", int(num_data), subsample=torch.arange(N),
+            data_plate = pyro.plate(name, int(num_data), subsample=torch.arange(N),
                                     device=X.device)
         with data_plate as idx:
             pass
-        Xb = X[idx]
-        yb = None if y is None else y[idx]
-        K, K_tril, kls = self.forward_blocks(Xb)
-        for l, (kl, layer) in enumerate(zip(kls, self.gram_layers)):
-            pyro.factor(f"kl_{l}", -layer.nu * kl)
-        u = pyro.sample("u", self.output.prior(K_tril))
-        W, resid = conditional_weights(K, K_tril)
-        mean, var = self.output.marginals(W, resid, None if self.analytic_expectation else u)
-        # hyper-parameters are read outside the plate (a PyroSample prior is global)
-        noise = self.noise if self.likelihood == "gaussian" else None
+        f = self(X[idx])
+        yb = None if y is None else self._squeeze(y[idx])
         with data_plate:
-            return self._observe(mean, var, yb, noise)
-
-    def _observe(self, mean: Tensor, var: Tensor, y: Tensor | None, noise: Tensor | None):
-        if self.likelihood == "gaussian":
-            if y is None:
-                return pyro.sample("obs", dist.Normal(mean, (var + noise).sqrt()).to_event(1))
-            pyro.sample("obs", dist.Normal(mean, noise.sqrt()).to_event(1), obs=y)
-            # E_q log N(y | f, noise) = log N(y | mean, noise) - var / (2 noise)
-            pyro.factor("obs_var", -0.5 * (var / noise).sum(-1))
-            return y
-        if y is None:
-            f = mean + var.sqrt() * torch.randn_like(mean)
-            return pyro.sample("obs", dist.Categorical(logits=f))
-        pyro.factor("obs", self.expected_log_likelihood(mean, var, y))
-        return y
+            return self.likelihood(f.loc, f.variance, yb)
 
     @pyro_method
-    def guide(self, X: Tensor, y: Tensor | None = None, **kwargs):
-        """Pyro guide: ``u ~ q(u) = N(u_loc, u_scale_tril u_scale_tril^T)`` per channel.
-        Returns ``{"u": sample}`` like an AutoGuide, so it composes in ``AutoGuideList``
-        (wrapped in ``AutoCallable``)."""
-        claim_param_store(self)
-        return {"u": pyro.sample("u", self.output.posterior())}
+    def guide(self, X: Tensor | None = None, y: Tensor | None = None, **kwargs):
+        """Pyro guide: ``"<prefix>.u" ~ q(u) = N(u_loc, u_scale_tril u_scale_tril^T)`` per
+        channel. Returns ``{name: sample}`` like an AutoGuide, so it composes in
+        ``AutoGuideList`` (wrapped in ``AutoCallable``)."""
+        outside_data_plates(f"{type(self).__name__}.guide")
+        sync_param_store(self)
+        name = self._pyro_get_fullname("u")
+        return {name: pyro.sample(name, self.output.posterior())}
 
     # ------------------------------------------------------------------ closed forms
     @pyro_method
     def objective(self, X: Tensor, y: Tensor, *, num_data: int | None = None) -> Tensor:
-        """The sparse DKM objective (closed form for a Gaussian likelihood, Monte-Carlo
-        likelihood term for categorical). ``num_data=N``: ``X, y`` are a minibatch of a
+        """The sparse DKM objective (closed form for Gaussian and Poisson likelihoods,
+        quadrature for other scalar ones, Monte Carlo for the softmax). ``num_data=N``: ``X, y`` are a minibatch of a
         data set of ``N`` points and the likelihood term is scaled by ``N / len(X)`` (an
         unbiased estimate; equal to ``-TraceMeanField_ELBO`` of the model on that batch)."""
-        claim_param_store(self)
+        sync_param_store(self)
         X = self._check_X(X)
         y = self._check_y(y, X.shape[0])
         if num_data is not None and num_data < X.shape[0]:
@@ -372,9 +411,9 @@ class DeepKernelMachine(PyroModule):
         r"""Set ``q(u)`` to its optimum for the current Grams and noise (Gaussian
         likelihood; Titsias 2009): :math:`S = K (K + \sigma^{-2}K_{it}K_{ti})^{-1} K`,
         :math:`m_c = \sigma^{-2} S K^{-1} K_{it} y_c`. ``O(N M^2)``."""
-        if self.likelihood != "gaussian":
+        if not isinstance(self.likelihood, Gaussian):
             raise ValueError("init_q needs a Gaussian likelihood")
-        claim_param_store(self)
+        sync_param_store(self)
         X = self._check_X(X)
         y = self._check_y(y, X.shape[0])
         s2 = self.noise
@@ -400,34 +439,33 @@ class DeepKernelMachine(PyroModule):
     @torch.no_grad()
     @pyro_method
     def predict(self, X: Tensor, *, include_noise: bool = True, batch_size: int = 4096,
-                num_samples: int = 64):
-        """Predictive at the rows of ``X`` ``(T, d)``, computed in batches.
+                num_samples: int | None = None) -> torch.distributions.Distribution:
+        """Predictive distribution at the rows of ``X`` ``(T, d)``, computed in batches.
 
-        Gaussian: a ``torch.distributions.Normal`` with ``loc``/``scale`` ``(T,)`` (one
-        channel) or ``(T, C)``; ``include_noise=False`` gives the latent ``f``.
-        Categorical: ``(T, C)`` class probabilities averaged over ``num_samples`` draws of
-        ``f`` from its marginal.
+        The likelihood's predictive of the latent marginal: Gaussian, a ``Normal`` with
+        ``loc``/``scale`` ``(T,)`` (one channel) or ``(T, C)``; Bernoulli a ``Bernoulli``;
+        categorical a ``Categorical`` (``probs`` ``(T, C)``, the softmax averaged over
+        ``num_samples`` draws of ``f``, default the likelihood's ``predictive_samples``);
+        other scalar likelihoods a quadrature mixture. ``include_noise=False`` gives the
+        latent ``f``'s ``Normal``.
         """
-        claim_param_store(self)
+        sync_param_store(self)
         X = self._check_X(X)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         means, variances = [], []
         for start in range(0, X.shape[0], batch_size):
             mean, var = self.latent_marginals(X[start:start + batch_size])
-            if self.likelihood == "categorical":
-                f = mean + var.sqrt() * torch.randn((num_samples,) + mean.shape,
-                                                    dtype=mean.dtype, device=mean.device)
-                means.append(torch.softmax(f, -1).mean(0))
-                continue
             means.append(mean)
-            variances.append(var + self.noise if include_noise else var)
-        if self.likelihood == "categorical":
-            return torch.cat(means)
-        mean, var = torch.cat(means), torch.cat(variances)
-        if self.out_channels == 1:
-            mean, var = mean[:, 0], var[:, 0]
-        return torch.distributions.Normal(mean, var.clamp_min(0).sqrt())
+            variances.append(var)
+        mean, var = self._squeeze(torch.cat(means)), self._squeeze(torch.cat(variances))
+        if not include_noise:
+            return torch.distributions.Normal(mean, var.clamp_min(0).sqrt())
+        lik = self.likelihood
+        if isinstance(lik, Categorical) and num_samples is not None:
+            return torch.distributions.Categorical(
+                probs=torch.softmax(lik._draws(mean, var, int(num_samples)), -1).mean(0))
+        return lik.predictive(mean, var)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:

@@ -14,6 +14,7 @@ import pyro
 import torch
 from torch import Tensor
 
+from .._pyro import sync_param_store
 from .._training import OptimiserSteps, shuffled_minibatches
 
 __all__ = ["fit", "fit_lbfgs", "FitResult", "validation_metric"]
@@ -38,11 +39,11 @@ class FitResult:
 def validation_metric(model, X: Tensor, y: Tensor) -> float:
     """Mean negative log predictive density of ``y`` (Gaussian: per point and channel
     summed over channels; categorical: cross-entropy of the averaged probabilities)."""
-    if getattr(model, "likelihood", "gaussian") == "categorical":
-        p = model.predict(X)
-        return float(-p.gather(-1, y.long()[:, None]).clamp_min(1e-300).log().mean())
     pred = model.predict(X)
-    yy = y.to(pred.loc.dtype).reshape(pred.loc.shape)
+    if isinstance(pred, torch.distributions.Categorical):
+        p = pred.probs
+        return float(-p.gather(-1, y.long()[:, None]).clamp_min(1e-300).log().mean())
+    yy = y.to(pred.mean.dtype).reshape(pred.batch_shape)
     lp = pred.log_prob(yy)
     return float(-(lp.sum(-1) if lp.dim() == 2 else lp).mean())
 
@@ -51,7 +52,7 @@ def _closed_form_ok(model, elbo_name) -> bool:
     """True when ``-TraceMeanField_ELBO`` of ``model`` is its closed-form objective."""
     if elbo_name != "meanfield":
         return False
-    if getattr(model, "likelihood", None) != "gaussian" or not getattr(
+    if getattr(model, "likelihood_name", "gaussian") != "gaussian" or not getattr(
             model, "analytic_expectation", False):
         return False
     return not any(getattr(m, "_pyro_samples", None) for m in model.modules())
@@ -164,13 +165,11 @@ def fit(
         if elbo not in ("meanfield", "trace"):
             raise ValueError(f"elbo must be 'meanfield', 'trace' or an ELBO, got {elbo!r}")
         elbo = pyro.infer.TraceMeanField_ELBO() if elbo == "meanfield" else pyro.infer.Trace_ELBO()
-    if init_q and not exact and model.likelihood == "gaussian":
+    if init_q and not exact and model.likelihood_name == "gaussian":
         model.init_q(X, y)
     closed_form = not exact and closed_form_loss and _closed_form_ok(model, elbo_name)
     if closed_form:
-        from .layers import claim_param_store
-
-        claim_param_store(model)
+        sync_param_store(model)
         y_checked = model._check_y(y, N)
 
     result = FitResult()

@@ -49,7 +49,7 @@ from torch import Tensor
 from torch.distributions import constraints
 
 from .._training import OptimiserSteps, shuffled_minibatches
-from ..dkm.layers import claim_param_store
+from .._pyro import sync_param_store
 from ..kernels.nngp import NNGPKernelFn
 from ..linalg import check_tensor, cholesky, solve_tril
 from .regression import NNGPCovariance
@@ -320,7 +320,7 @@ class SparseVariationalClassifier(PyroModule):
         of ``num_data`` points: the likelihood term by Monte Carlo over ``num_samples`` joint
         draws of ``(s, f)``, both KLs in closed form (MC for a non-inverse-gamma prior).
         ``generator`` drives the draws of ``f`` (the draws of ``s`` use torch's global RNG)."""
-        claim_param_store(self)
+        sync_param_store(self)
         X = self.check_X(X)
         y = self.check_y(y, X.shape[0])
         B = X.shape[0]
@@ -346,7 +346,7 @@ class SparseVariationalClassifier(PyroModule):
         """Pyro model: ``scale ~ p(s)`` (if any), whitened ``v ~ N(0, I)``, and the
         Monte-Carlo expected log-likelihood given ``(s, v)`` as a factor inside
         ``pyro.plate("data", num_data, subsample=...)``; without ``y``, samples labels."""
-        claim_param_store(self)
+        sync_param_store(self)
         X = self.check_X(X)
         B = X.shape[0]
         if y is not None:
@@ -376,7 +376,7 @@ class SparseVariationalClassifier(PyroModule):
     @pyro_method
     def guide(self, X: Tensor, y: Tensor | None = None, **kwargs):
         """Pyro guide: ``scale ~ q(s)``, ``v ~ N(v_loc, v_scale_tril v_scale_tril^T)``."""
-        claim_param_store(self)
+        sync_param_store(self)
         out = {}
         if self.has_scale:
             out["scale"] = pyro.sample("scale", self.scale_posterior_dist())
@@ -393,7 +393,7 @@ class SparseVariationalClassifier(PyroModule):
         """Class probabilities ``(T, C)``: the softmax averaged over ``num_samples`` joint
         draws of ``(s, f)`` from ``q`` (the same ``s`` draws for every batch of
         ``batch_size`` rows)."""
-        claim_param_store(self)
+        sync_param_store(self)
         X = self.check_X(X)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

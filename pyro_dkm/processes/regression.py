@@ -28,7 +28,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import Tensor
 from torch.distributions import Normal, StudentT, constraints
 
-from ..dkm.layers import claim_param_store
+from .._pyro import sync_param_store
 from ..kernels.nngp import Dense, Erf, Relu, serial
 from ..linalg import check_tensor, cholesky, solve_tril
 from .scale_mixture import (
@@ -138,7 +138,7 @@ class _ExactRegression(PyroModule):
                              f"{X_new.shape[1]}")
 
     def _Ky(self) -> Tensor:
-        claim_param_store(self)
+        sync_param_store(self)
         K = kernel_matrix(self.kernel, self.X).to(self.X.dtype)
         n = K.shape[-1]
         return K + self.noise.to(K.dtype) * torch.eye(n, dtype=K.dtype, device=K.device)
@@ -295,7 +295,7 @@ class ScaleMixtureRegression(_ExactRegression):
         self.noise_scaled = bool(noise_scaled)
 
     def likelihood(self) -> GaussianScaleLikelihood:
-        claim_param_store(self)
+        sync_param_store(self)
         K = kernel_matrix(self.kernel, self.X).to(self.X.dtype)
         return GaussianScaleLikelihood(K, self.y, self.noise.to(K.dtype),
                                        noise_scaled=self.noise_scaled)

@@ -52,7 +52,7 @@ from pyro.nn import PyroParam
 from torch import Tensor
 from torch.distributions import constraints
 
-from ..dkm.layers import claim_param_store
+from .._pyro import sync_param_store
 from ..linalg import check_tensor, cholesky, solve_tril
 from ._t_noise import StudentTNoisePredictive, _check_positive, log_integral
 from .classification import kl_inverse_gamma
@@ -358,7 +358,7 @@ class RobustRegression(_ExactRegression):
         self.state = None  # q(lam) belongs to the old data
 
     def _K(self) -> Tensor:
-        claim_param_store(self)
+        sync_param_store(self)
         with torch.no_grad():
             return kernel_matrix(self.kernel, self.X).to(torch.float64)
 

@@ -96,8 +96,10 @@ def test_bad_inputs_raise_clear_errors():
         GramLayer(4, nu=0.0)
     with pytest.raises(ValueError, match="kernel must be a GramKernel or one of"):
         DeepKernelMachine(X[:5], depth=1, kernel="tanh")
-    with pytest.raises(ValueError, match="likelihood must be one of"):
-        DeepKernelMachine(X[:5], likelihood="poisson")
+    with pytest.raises(ValueError, match="likelihood must be a Likelihood, a callable or one of"):
+        DeepKernelMachine(X[:5], likelihood="gamma")
+    with pytest.raises(TypeError, match="likelihood must be a Likelihood"):
+        DeepKernelMachine(X[:5], likelihood=3)
     with pytest.raises(ValueError, match="y must have shape"):
         ExactDeepKernelMachine(X, y[:-2])
     with pytest.raises(ValueError, match="patience"):

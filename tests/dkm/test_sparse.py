@@ -160,7 +160,9 @@ def test_categorical_training_learns_two_classes():
     m = DeepKernelMachine(select_inducing_points(X, 15), depth=1, likelihood="categorical",
                           out_channels=2)
     fit(m, X, labels, num_steps=150, lr=0.05, progress=False, seed=0)
-    probs = m.predict(X)
+    pred = m.predict(X)
+    assert isinstance(pred, torch.distributions.Categorical)
+    probs = pred.probs
     assert probs.shape == (60, 2)
     torch.testing.assert_close(probs.sum(-1), torch.ones(60, dtype=torch.float64))
     acc = float((probs.argmax(-1) == labels).double().mean())
@@ -179,14 +181,15 @@ def test_pyrosample_prior_on_noise_with_autoguide():
     m.noise = PyroSample(dist.LogNormal(torch.tensor(-2.0, dtype=torch.float64),
                                         torch.tensor(1.0, dtype=torch.float64)))
     guide = AutoGuideList(m.model)
-    guide.append(AutoNormal(pyro.poutine.block(m.model, expose=["noise"])))
+    guide.append(AutoNormal(pyro.poutine.block(m.model, expose=["likelihood.variance"])))
     guide.append(AutoCallable(m.model, m.guide))
     svi = pyro.infer.SVI(m.model, guide, pyro.optim.Adam({"lr": 0.01}),
                          pyro.infer.Trace_ELBO())
     losses = [svi.step(X, y) for _ in range(30)]
     assert all(math.isfinite(v) for v in losses)
     tr = pyro.poutine.trace(m.model).get_trace(X, y)
-    assert tr.nodes["noise"]["type"] == "sample" and not tr.nodes["noise"]["is_observed"]
+    site = tr.nodes["likelihood.variance"]  # the noise is the likelihood's variance
+    assert site["type"] == "sample" and not site["is_observed"]
 
 
 def test_kernel_lengthscale_is_a_learned_pyroparam():
