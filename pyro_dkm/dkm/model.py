@@ -108,6 +108,8 @@ class DeepKernelMachine(PyroModule):
         input_ard: learn one input lengthscale per feature, ``G_0 = (X/l)(Z/l)^T / d``
             (``input_layer.input_lengthscale``, a ``PyroParam``).
         dtype: parameter dtype (default float64); inputs are cast to it.
+        name: Pyro name prefix when the DKM is a root module (e.g. two DKMs held by a
+            plain ``nn.Module``); inside a parent ``PyroModule`` the attribute path is used.
 
     Hyper-parameters (``noise``, i.e. ``likelihood.variance``, kernel ``lengthscale``s) are
     ``PyroParam``; replace any with a ``PyroSample`` prior (and give it a guide, e.g. with
@@ -137,8 +139,9 @@ class DeepKernelMachine(PyroModule):
         gram_parameterisation: str = "cholesky",
         input_ard: bool = False,
         dtype: torch.dtype = torch.float64,
+        name: str = "",
     ):
-        super().__init__()
+        super().__init__(name=name)
         check_tensor(inducing_points, "inducing_points", ndim=2)
         if not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be a non-negative int, got {depth!r}")
@@ -168,7 +171,7 @@ class DeepKernelMachine(PyroModule):
                             num_likelihood_samples=num_likelihood_samples,
                             lengthscale=lengthscale,
                             gram_parameterisation=gram_parameterisation,
-                            input_ard=input_ard, dtype=dtype)
+                            input_ard=input_ard, dtype=dtype, name=name)
         self.depth = depth
         self.num_inducing = M
         self.out_channels = out_channels
@@ -296,6 +299,7 @@ class DeepKernelMachine(PyroModule):
     @pyro_method
     def latent_marginals(self, X: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and variance ``(T, C)`` of ``q(f)`` at the rows of ``X``."""
+        sync_param_store(self)
         K, K_tril, _ = self.forward_blocks(X)
         return self.output.marginals(*conditional_weights(K, K_tril))
 

@@ -22,9 +22,11 @@ import math
 import time
 from typing import Callable
 
+import pyro
 import torch
-from pyro.distributions import MultivariateStudentT
+from pyro.distributions import MultivariateNormal, MultivariateStudentT
 from pyro.nn import PyroModule, PyroParam
+from pyro.nn.module import pyro_method
 from torch import Tensor
 from torch.distributions import Normal, StudentT, constraints
 
@@ -162,8 +164,30 @@ class _ExactRegression(PyroModule):
     def log_marginal(self) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def guide(self):
-        pass
+    def _targets(self, y: Tensor | None) -> Tensor | None:
+        if y is None:
+            return None
+        check_tensor(y, "y", ndim=1)
+        if y.shape[0] != self.X.shape[0]:
+            raise ValueError(f"y must have {self.X.shape[0]} entries, one per training input, "
+                             f"got shape {tuple(y.shape)}")
+        return y.to(self.X.dtype)
+
+    @pyro_method
+    def model(self, y: Tensor | None = "train"):
+        """Pyro model of the training targets: the site ``"<prefix>.y"`` observed at the
+        training ``y`` (default), at a given ``y``, or sampled (``y=None``). Hyper-parameters
+        replaced by ``PyroSample`` priors become latent sites, so ``NUTS(model.model)`` or
+        SVI with an autoguide infer them."""
+        y = self.y if isinstance(y, str) and y == "train" else self._targets(y)
+        return pyro.sample(self._pyro_get_fullname("y"), self._marginal(), obs=y)
+
+    def _marginal(self):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def guide(self, *args, **kwargs):
+        """Empty: hyper-parameters held as ``PyroParam`` are point estimates (type-II
+        maximum likelihood); give ``PyroSample`` sites a guide of their own."""
 
 
 class GaussianProcessRegression(_ExactRegression):
@@ -176,6 +200,10 @@ class GaussianProcessRegression(_ExactRegression):
         n = self.y.shape[0]
         return (-0.5 * alpha.pow(2).sum() - L.diagonal().log().sum()
                 - 0.5 * n * math.log(2 * math.pi))
+
+    def _marginal(self):
+        L = cholesky(self._Ky(), name="K + noise I")
+        return MultivariateNormal(L.new_zeros(L.shape[-1]), scale_tril=L)
 
     def predict(self, X_new: Tensor, *, include_noise: bool = True) -> Normal:
         """Marginal predictive ``Normal`` at ``X_new`` ``(m, d)`` (batch shape ``(m,)``)."""
@@ -237,6 +265,11 @@ class StudentTProcessRegression(_ExactRegression):
         a, b = self.concentration.to(q.dtype), self.rate.to(q.dtype)
         return student_t_log_marginal_from_quad(q, 2 * L.diagonal().log().sum(), n, a, b)
 
+    def _marginal(self):
+        L = cholesky(self._Ky(), name="K + noise I")
+        a, b = self.concentration.to(L.dtype), self.rate.to(L.dtype)
+        return MultivariateStudentT(2 * a, L.new_zeros(L.shape[-1]), (b / a).sqrt() * L)
+
     def posterior(self) -> tuple[Tensor, Tensor]:
         """``(a', b') = (a + n/2, b + y^T Ky^-1 y / 2)``: the inverse-gamma posterior of s."""
         _, q = self._stats()
@@ -293,6 +326,25 @@ class ScaleMixtureRegression(_ExactRegression):
         self.method, self.num_samples = method, int(num_samples)
         self.order, self.panels = order, panels
         self.noise_scaled = bool(noise_scaled)
+
+    def _marginal(self):
+        raise NotImplementedError("ScaleMixtureRegression.model samples the scale; see model()")
+
+    @pyro_method
+    def model(self, y: Tensor | None = "train"):
+        """Pyro model: ``"<prefix>.scale" ~ scale_prior``, then ``"<prefix>.y" ~
+        N(0, s (K + noise I))`` (or ``N(0, s K + noise I)`` without ``noise_scaled``)."""
+        sync_param_store(self)
+        y = self.y if isinstance(y, str) and y == "train" else self._targets(y)
+        K = kernel_matrix(self.kernel, self.X).to(self.X.dtype)
+        s = pyro.sample(self._pyro_get_fullname("scale"), self.scale_prior).to(K.dtype)
+        s = s[..., None, None]  # batched scales (a plate over draws) broadcast
+        eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+        noise = self.noise.to(K.dtype)
+        cov = s * (K + noise * eye) if self.noise_scaled else s * K + noise * eye
+        L = cholesky(cov, name="s (K + noise I)")
+        return pyro.sample(self._pyro_get_fullname("y"),
+                           MultivariateNormal(L.new_zeros(L.shape[-1]), scale_tril=L), obs=y)
 
     def likelihood(self) -> GaussianScaleLikelihood:
         sync_param_store(self)

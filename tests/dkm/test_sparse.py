@@ -17,7 +17,7 @@ def _trained_like(depth=2, n=30, M=None, seed=0, **kw):
     Z = X if M is None else select_inducing_points(X, M, seed=seed)
     m = DeepKernelMachine(Z, depth=depth, nu=[0.5, 2.0][:depth], **kw)
     perturb_grams(m, 0.2)
-    if m.likelihood == "gaussian":
+    if m.likelihood_name == "gaussian":
         m.init_q(X, y)
     return m, X, y
 
