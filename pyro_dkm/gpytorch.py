@@ -1,8 +1,12 @@
-"""GPyTorch adapters: our kernels as ``gpytorch.kernels.Kernel`` objects.
+"""GPyTorch adapters: our kernels as ``gpytorch.kernels.Kernel`` objects, and the DKM as a
+GPyTorch model.
 
 ``NNGPKernel`` drops into any GPyTorch model (``ExactGP``, ``ApproximateGP``)::
 
     covar_module = gpytorch.kernels.ScaleKernel(NNGPKernel(depth=2, activation="relu"))
+
+:class:`DeepKernelMachineGP` trains with ``gpytorch.mlls.VariationalELBO``;
+:class:`~pyro_dkm.kernels.adapters.GPyTorchKernel` wraps any protocol kernel.
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ from torch import Tensor
 from .kernels.keops import DEFAULT_KEOPS_THRESHOLD
 from .kernels.nngp import Dense, Erf, Relu, serial
 
-__all__ = ["NNGPKernel"]
+from ._gpytorch_dkm import DeepKernelMachineGP  # noqa: E402
+from .kernels.adapters import GPyTorchKernel  # noqa: E402
+
+__all__ = ["NNGPKernel", "DeepKernelMachineGP", "GPyTorchKernel"]
 
 _ACTIVATIONS = {"relu": Relu, "erf": Erf}
 
