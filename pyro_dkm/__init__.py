@@ -1,10 +1,65 @@
-"""pyro_dkm: representation-learning kernel methods for Pyro."""
+"""pyro_dkm: representation-learning kernel methods for Pyro and GPyTorch.
 
-from . import dkm, kernels, linalg, processes, tucker
+Main entry points (all importable from here):
+
+* :class:`DeepKernelMachine` -- sparse deep kernel machine: a latent function for any
+  Pyro model (``f = dkm(X)``), or a whole model (``model``/``guide``/``predict``);
+  :class:`ExactDeepKernelMachine` for small data;
+* :mod:`pyro_dkm.likelihoods` -- ``Gaussian``, ``StudentT``, ``Bernoulli``, ``Poisson``,
+  ``Categorical``, any callable;
+* :class:`StudentTProcessRegression`, :class:`ScaleMixtureRegression`,
+  :class:`GaussianProcessRegression`, :class:`RobustRegression` -- heavy-tailed
+  processes and noise (:mod:`pyro_dkm.processes`);
+* :class:`FunctionalTucker` -- functional Bayesian Tucker decomposition
+  (:mod:`pyro_dkm.tucker`);
+* :func:`serial` (``Dense``, ``Relu``, ``Erf``) -- NNGP/NTK kernels
+  (:mod:`pyro_dkm.kernels`; adapters to ``pyro.contrib.gp`` and GPyTorch in
+  :mod:`pyro_dkm.kernels.adapters`);
+* :func:`fit` -- one training entry point for every model, returning a
+  :class:`FitResult`; :data:`settings` -- KeOps / lazy-kernel / jitter / CG settings;
+* :mod:`pyro_dkm.gpytorch` -- ``NNGPKernel`` and ``DeepKernelMachineGP`` for GPyTorch.
+
+See ``docs/architecture.md`` for the layers and their contracts.
+"""
+
+from . import dkm, kernels, likelihoods, linalg, processes, tucker
+from ._settings import settings
+from ._training import FitResult
+from .dkm import DeepKernelMachine, ExactDeepKernelMachine, select_inducing_points
+from .fitting import fit
+from .kernels import Dense, Erf, Relu, serial
 from .linalg import NotPositiveDefiniteError
+from .processes import (
+    GaussianProcessRegression,
+    RobustRegression,
+    ScaleMixtureRegression,
+    StudentTProcessRegression,
+)
+from .tucker import FunctionalTucker
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "dkm", "kernels", "linalg", "processes", "tucker", "NotPositiveDefiniteError", "__version__",
+    "dkm", "kernels", "likelihoods", "linalg", "processes", "tucker", "gpytorch", "datasets",
+    "baselines", "DeepKernelMachine", "ExactDeepKernelMachine", "select_inducing_points",
+    "GaussianProcessRegression", "StudentTProcessRegression", "ScaleMixtureRegression",
+    "RobustRegression", "FunctionalTucker", "Dense", "Erf", "Relu", "serial", "fit",
+    "FitResult", "settings", "NotPositiveDefiniteError", "DeepKernelMachineGP", "__version__",
 ]
+
+# imported on first attribute access: GPyTorch (and KeOps) stay out of a plain import
+_LAZY_MODULES = ("gpytorch", "datasets", "baselines")
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name == "DeepKernelMachineGP":
+        return importlib.import_module(f"{__name__}.gpytorch").DeepKernelMachineGP
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

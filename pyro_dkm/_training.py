@@ -7,10 +7,30 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
+
+
+@dataclass
+class FitResult:
+    """What a fit did, for every model of the package (:func:`pyro_dkm.fit`).
+
+    ``losses``: the training loss per data point, one per optimiser step (or per EM /
+    CEP sweep); ``val``: ``(step, validation metric)`` pairs (mean negative log
+    predictive density, lower is better); ``best_step``: the step whose parameters were
+    kept; ``details``: the model-specific record (e.g. a ``RobustFit``), if any."""
+
+    losses: list = field(default_factory=list)
+    val: list = field(default_factory=list)
+    best_step: int | None = None
+    stopped_early: bool = False
+    seconds: float = 0.0
+    steps: int = 0
+    seconds_per_epoch: float = float("nan")
+    details: Any = None
 
 
 def shuffled_minibatches(n: int, batch_size: int, *, generator: torch.Generator | None = None,

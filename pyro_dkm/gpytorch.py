@@ -54,14 +54,16 @@ class NNGPKernel(gpytorch.kernels.Kernel):
             (default ``Positive()``, and ``Interval(0, 1e4)`` is a sensible bound).
         batch_shape: as for every GPyTorch kernel; hyper-parameters get shape
             ``(*batch_shape, depth + 1)``.
-        use_keops: ``False`` (default: the dense kernel matrix), ``True`` (always the
-            lazy :class:`~pyro_dkm.kernels.keops.NNGPOperator` with KeOps products,
-            falling back to torch with a warning where impossible) or ``"auto"`` (the
-            lazy operator when both inputs have ``>= keops_threshold`` rows; its products
-            run through KeOps on CUDA and through the tiled torch kernel on CPU,
-            which is faster there). The lazy operator never holds K whole (O(N) memory
-            matrix products; linear_operator then uses CG/Lanczos). It needs 2-D inputs
-            and an empty ``batch_shape`` (else dense).
+        use_keops: ``None`` (default: ``pyro_dkm.settings``: the lazy operator when
+            ``settings.lazy_kernels`` says so, its products on ``settings.use_keops``'s
+            backend; by default a dense matrix), ``False`` (the dense kernel matrix),
+            ``True`` (always the lazy :class:`~pyro_dkm.kernels.keops.NNGPOperator` with
+            KeOps products, falling back to torch with a warning where impossible) or
+            ``"auto"`` (the lazy operator when both inputs have ``>= keops_threshold``
+            rows; its products run through KeOps on CUDA and through the tiled torch
+            kernel on CPU, which is faster there). The lazy operator never holds K whole
+            (O(N) memory matrix products; linear_operator then uses CG/Lanczos). It needs
+            2-D inputs and an empty ``batch_shape`` (else dense).
         keops_threshold: size switch for ``use_keops="auto"`` (default 20000): below it a
             dense matrix is cheaper (a dense Cholesky solve beats 15-25 CG iterations
             below a few thousand points, and the matrix, 8 N^2 bytes, is 3.2 GB at
@@ -83,12 +85,13 @@ class NNGPKernel(gpytorch.kernels.Kernel):
         kernel: str = "nngp",
         weight_var_constraint=None,
         bias_var_constraint=None,
-        use_keops=False,
+        use_keops=None,
         keops_threshold: int = DEFAULT_KEOPS_THRESHOLD,
         **kwargs,
     ):
-        if use_keops not in (True, False, "auto"):
-            raise ValueError(f"use_keops must be True, False or 'auto', got {use_keops!r}")
+        if use_keops not in (None, True, False, "auto"):
+            raise ValueError(f"use_keops must be None, True, False or 'auto', got "
+                             f"{use_keops!r}")
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be a non-negative int, got {depth!r}")
         if activation not in _ACTIVATIONS:
@@ -157,13 +160,22 @@ class NNGPKernel(gpytorch.kernels.Kernel):
 
             same = x1 is x2 or (x1.shape == x2.shape and torch.equal(x1, x2))
             return NNGPOperator(kfn, x1, None if same else x2, get=self.kernel,
-                                use_keops=self.use_keops, threshold=self.keops_threshold)
+                                use_keops=self.use_keops,
+                                threshold=None if self.use_keops is None else
+                                self.keops_threshold)
         return kfn(x1, x2, get=self.kernel)
 
     def _keops_wanted(self, x1: Tensor, x2: Tensor) -> bool:
-        if self.use_keops is False:
+        """Whether to return the lazy operator (not which backend multiplies)."""
+        if self.use_keops is None:
+            from ._settings import settings
+
+            lazy, threshold = settings.lazy_kernels, settings.lazy_threshold
+        else:
+            lazy, threshold = self.use_keops, self.keops_threshold
+        if lazy is False:
             return False
-        if self.use_keops == "auto" and min(x1.shape[-2], x2.shape[-2]) < self.keops_threshold:
+        if lazy == "auto" and min(x1.shape[-2], x2.shape[-2]) < threshold:
             return False
         if x1.dim() != 2 or x2.dim() != 2 or len(self.batch_shape) > 0:
             if self.use_keops is True:

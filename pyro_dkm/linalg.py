@@ -120,8 +120,8 @@ def cholesky(
 
     Args:
         A: ``(..., n, n)`` symmetric matrices (float32/float64).
-        jitter: first relative jitter; default ``1e-10`` for float64, ``1e-6``
-            for float32.
+        jitter: first relative jitter; default ``pyro_dkm.settings.cholesky_jitter``,
+            else ``1e-10`` for float64, ``1e-6`` for float32.
         max_tries: number of escalating jitters before giving up.
         growth: factor between successive jitters.
         name: how error messages call ``A``.
@@ -142,24 +142,34 @@ def cholesky(
     L, info = torch.linalg.cholesky_ex(A)
     if not bool((info > 0).any()):
         return L
+    if jitter is None:
+        from ._settings import settings
+
+        jitter = settings.cholesky_jitter
     jitter = _default_jitter(A.dtype) if jitter is None else float(jitter)
     if jitter <= 0:
         raise ValueError(f"jitter must be positive, got {jitter}")
-    diag_mean = A.diagonal(dim1=-2, dim2=-1).abs().mean(-1)  # (...)
-    diag_mean = torch.where(diag_mean > 0, diag_mean, torch.ones_like(diag_mean))
-    eye = torch.eye(n, dtype=A.dtype, device=A.device)
-    failed = info > 0  # (...)
-    tried = []
-    for k in range(max_tries):
-        eps = jitter * growth**k
-        tried.append(eps)
-        A_j = A + (eps * diag_mean.detach())[..., None, None] * eye
-        L_j, info_j = torch.linalg.cholesky_ex(A_j)
-        # Take the new factor only for matrices that failed so far.
-        L = torch.where(failed[..., None, None], L_j, L)
-        failed = failed & (info_j > 0)
-        if not bool(failed.any()):
-            return L
+    # Find each matrix's jitter without autograd, then factorise once, differentiably:
+    # routing gradients through torch.where over a failed factorisation gives NaN
+    # gradients (0 * NaN) even though the forward value is finite.
+    with torch.no_grad():
+        diag_mean = A.diagonal(dim1=-2, dim2=-1).abs().mean(-1)  # (...)
+        diag_mean = torch.where(diag_mean > 0, diag_mean, torch.ones_like(diag_mean))
+        eye = torch.eye(n, dtype=A.dtype, device=A.device)
+        failed = info > 0  # (...)
+        added = torch.zeros_like(diag_mean)  # absolute jitter per matrix (0: none)
+        tried = []
+        for k in range(max_tries):
+            eps = jitter * growth**k
+            tried.append(eps)
+            trial = torch.where(failed, eps * diag_mean, added)
+            _, info_j = torch.linalg.cholesky_ex(A + trial[..., None, None] * eye)
+            added = torch.where(failed, trial, added)
+            failed = failed & (info_j > 0)
+            if not bool(failed.any()):
+                break
+    if not bool(failed.any()):
+        return torch.linalg.cholesky(A + added[..., None, None] * eye)
     abs_jitters = [e * float(diag_mean.detach().max()) for e in tried]
     raise NotPositiveDefiniteError(name, n, abs_jitters, int(failed.sum()))
 

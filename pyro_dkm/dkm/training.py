@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import pyro
@@ -15,24 +14,9 @@ import torch
 from torch import Tensor
 
 from .._pyro import sync_param_store
-from .._training import OptimiserSteps, shuffled_minibatches
+from .._training import FitResult, OptimiserSteps, shuffled_minibatches
 
 __all__ = ["fit", "fit_lbfgs", "FitResult", "validation_metric"]
-
-
-@dataclass
-class FitResult:
-    """What :func:`fit` did. ``losses``: negative objective per data point, one per step;
-    ``val``: ``(step, validation metric)`` pairs (mean negative log predictive density,
-    lower is better); ``best_step``: step whose parameters were kept."""
-
-    losses: list = field(default_factory=list)
-    val: list = field(default_factory=list)
-    best_step: int | None = None
-    stopped_early: bool = False
-    seconds: float = 0.0
-    steps: int = 0
-    seconds_per_epoch: float = float("nan")
 
 
 @torch.no_grad()

@@ -330,9 +330,17 @@ def _keops_matmul_impl(kfn, x1, x2, v, get, sym):
     return out
 
 
+def _resolve_backend(use_keops, threshold):
+    """``(use_keops, threshold)`` with ``None`` taken from :data:`pyro_dkm.settings`."""
+    from .._settings import settings
+
+    return (settings.use_keops if use_keops is None else use_keops,
+            settings.keops_threshold if threshold is None else threshold)
+
+
 def keops_matmul(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None, v: Tensor, *,
-                 get: str = "nngp", use_keops="auto",
-                 threshold: int = DEFAULT_KEOPS_THRESHOLD) -> Tensor:
+                 get: str = "nngp", use_keops=None,
+                 threshold: int | None = None) -> Tensor:
     """``K(x1, x2) @ v`` for ``v`` of shape ``(n2,)`` or ``(n2, m)``, differentiable
     w.r.t. ``x1``, ``x2``, ``v`` and tensor hyper-parameters.
 
@@ -341,6 +349,7 @@ def keops_matmul(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None, v: Tensor, *,
     whole, only the upper tiles of a symmetric K; with gradients each tile is recomputed
     in the backward pass), or ``"auto"`` (KeOps on a CUDA
     device when both sizes ``>= threshold``, else torch; on CPU torch is the faster one).
+    ``None`` (default): ``pyro_dkm.settings.use_keops`` / ``settings.keops_threshold``.
     With ``x2=None`` (or ``x2 is x1``) the exact closed-form diagonal is used, as in the
     dense path. Gradients are hand-derived KeOps reductions (falling back to exact
     chunked torch gradients in O(N * chunk) memory if they fail to build).
@@ -358,6 +367,7 @@ def keops_matmul(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None, v: Tensor, *,
         raise ValueError(f"v must have {x2.shape[-2]} rows (one per row of x2), got shape "
                          f"{tuple(v.shape)}")
     vec = v.dim() == 1
+    use_keops, threshold = _resolve_backend(use_keops, threshold)
     if use_keops == "auto":
         use = x1.device.type == "cuda" and min(x1.shape[-2], x2.shape[-2]) >= threshold
     elif isinstance(use_keops, bool):
@@ -431,8 +441,8 @@ class NNGPOperator(LinearOperator):
             CUDA from ``threshold`` rows, the tiled torch product otherwise).
     """
 
-    def __init__(self, *args, get: str = "nngp", noise=0.0, use_keops="auto",
-                 threshold: int = DEFAULT_KEOPS_THRESHOLD, _prog=None, _sym=None):
+    def __init__(self, *args, get: str = "nngp", noise=0.0, use_keops=None,
+                 threshold: int | None = None, _prog=None, _sym=None):
         if _prog is None:  # public form: NNGPOperator(kfn, x1, x2=None, ...)
             if not 2 <= len(args) <= 3 or not isinstance(args[0], NNGPKernelFn):
                 raise TypeError("NNGPOperator(kfn, x1, x2=None, *, get, noise, use_keops): kfn "
@@ -539,7 +549,7 @@ def _pivoted_cholesky(kfn, x: Tensor, get: str, rank: int) -> Tensor:
     return L[:k]
 
 
-def cg_solve(op: LinearOperator, rhs: Tensor, *, tol: float = 1e-6, max_iter: int = 1000,
+def cg_solve(op: LinearOperator, rhs: Tensor, *, tol: float | None = None, max_iter: int = 1000,
              precond_rank: int = 0, info: dict | None = None, progress: bool = False) -> Tensor:
     """``op^{-1} rhs`` by conjugate gradients (never Cholesky), ``rhs`` ``(n,)`` or ``(n, m)``.
 
@@ -552,6 +562,10 @@ def cg_solve(op: LinearOperator, rhs: Tensor, *, tol: float = 1e-6, max_iter: in
     relative residual as postfix). Any other ``LinearOperator`` is solved by ``op.solve`` under
     linear_operator's CG settings (its CG stops near 1e-5 relative error in float64).
     """
+    if tol is None:
+        from .._settings import settings
+
+        tol = settings.cg_tol
     vec = rhs.dim() == 1
     b = rhs[:, None] if vec else rhs
     if not (isinstance(op, NNGPOperator) and op.sym and bool(op.noise > 0)):
@@ -623,7 +637,7 @@ def inv_quad(op: LinearOperator, y: Tensor, **cg) -> Tensor:
 
 def exact_predict(kfn: NNGPKernelFn, x: Tensor, y: Tensor, x_test: Tensor, *, noise: float,
                   get: str = "nngp", variance: bool = False, block: int = 16,
-                  use_keops="auto", **cg):
+                  use_keops=None, **cg):
     r"""Exact GP regression with the lazy kernel: only matrix products with K, O(N) memory.
 
     Returns ``(mean, var, quad)``: the posterior mean :math:`K_*^T K_y^{-1} y`

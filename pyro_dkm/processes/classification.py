@@ -406,6 +406,12 @@ class SparseVariationalClassifier(PyroModule):
             out.append(torch.softmax(s * (mean + var.sqrt() * eps), -1).mean(0))
         return torch.cat(out) if out else X.new_zeros(0, self.num_classes)
 
+    @torch.no_grad()
+    def predict(self, X: Tensor, **kwargs) -> torch.distributions.Categorical:
+        """The predictive ``Categorical`` at the rows of ``X`` (``probs`` from
+        :meth:`predict_proba`, same options)."""
+        return torch.distributions.Categorical(probs=self.predict_proba(X, **kwargs))
+
 
 class SVGPClassifier(SparseVariationalClassifier):
     """:class:`SparseVariationalClassifier` without a scale prior: the scale :math:`s` is a

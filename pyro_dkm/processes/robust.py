@@ -47,8 +47,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import pyro
+import pyro.distributions as dist
 import torch
 from pyro.nn import PyroParam
+from pyro.nn.module import pyro_method
 from torch import Tensor
 from torch.distributions import constraints
 
@@ -352,6 +355,31 @@ class RobustRegression(_ExactRegression):
 
     def _default_kernel(self):
         return NNGPCovariance(learn_variance=False)
+
+    @pyro_method
+    def model(self, y: Tensor | None = "train"):
+        r"""Pyro model: ``"<prefix>.s" ~ InvGamma(a, b)`` (Student-t process only), the
+        latent values ``"<prefix>.f" ~ N(0, c K)`` (``c`` the amplitude, or ``s``), and
+        ``"<prefix>.y" ~ StudentT(df, f, sqrt(noise))`` (``sqrt(s noise)`` for the t
+        process) independently per point. :meth:`fit` is the fast variational-EM path;
+        this model is for NUTS / SVI with other priors."""
+        sync_param_store(self)
+        y = self.y if isinstance(y, str) and y == "train" else self._targets(y)
+        K = kernel_matrix(self.kernel, self.X).to(self.X.dtype)
+        if self.process == "gp":
+            c = self.amplitude.to(K.dtype)
+            noise_scale = self.noise.to(K.dtype).sqrt()
+        else:
+            c = pyro.sample(self._pyro_get_fullname("s"),
+                            dist.InverseGamma(self.concentration.to(K.dtype),
+                                              self.rate.to(K.dtype)))
+            noise_scale = (c * self.noise.to(K.dtype)).sqrt()
+        L = cholesky(c * K, name="the prior covariance")
+        f = pyro.sample(self._pyro_get_fullname("f"),
+                        dist.MultivariateNormal(K.new_zeros(K.shape[-1]), scale_tril=L))
+        with pyro.plate(self._pyro_get_fullname("data"), K.shape[-1]):
+            return pyro.sample(self._pyro_get_fullname("y"),
+                               dist.StudentT(self.df.to(K.dtype), f, noise_scale), obs=y)
 
     def set_data(self, X: Tensor, y: Tensor) -> None:
         super().set_data(X, y)
