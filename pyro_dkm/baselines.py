@@ -237,14 +237,10 @@ class NNGPRegressor:
         self.X = None
 
     def _kfn(self):
-        from .kernels.nngp import Dense, Erf, Relu, serial
-        wv, bv = self.log_wv.exp(), self.log_bv.exp()
-        act = Relu if self.activation == "relu" else Erf
-        layers = []
-        for _ in range(self.depth):
-            layers += [Dense(wv, bv), act()]
-        layers.append(Dense(wv, bv))
-        return serial(*layers)
+        from .kernels.nngp import fully_connected
+
+        return fully_connected(self.depth, self.activation, self.log_wv.exp(),
+                               self.log_bv.exp())
 
     def _K(self, X1, X2=None):
         return self.log_scale.exp() * self._kfn()(X1, X2, get="nngp")

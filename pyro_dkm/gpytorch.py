@@ -16,15 +16,14 @@ import torch
 from gpytorch.constraints import Positive
 from torch import Tensor
 
-from .kernels.keops import DEFAULT_KEOPS_THRESHOLD
-from .kernels.nngp import Dense, Erf, Relu, serial
-
 from ._gpytorch_dkm import DeepKernelMachineGP  # noqa: E402
 from .kernels.adapters import GPyTorchKernel  # noqa: E402
+from .kernels.keops import DEFAULT_KEOPS_THRESHOLD
+from .kernels.nngp import ACTIVATIONS as _ACTIVATIONS
+from .kernels.nngp import fully_connected
 
 __all__ = ["NNGPKernel", "DeepKernelMachineGP", "GPyTorchKernel"]
 
-_ACTIVATIONS = {"relu": Relu, "erf": Erf}
 
 
 def _check_init_variance(value, name: str, *, allow_zero: bool) -> float:
@@ -139,14 +138,8 @@ class NNGPKernel(gpytorch.kernels.Kernel):
     def kernel_fn(self):
         """The :class:`~pyro_dkm.kernels.nngp.NNGPKernelFn` with the current
         hyper-parameters (differentiable)."""
-        w, b = self.weight_var, self.bias_var
-        act = _ACTIVATIONS[self.activation]
-        layers = []
-        for l in range(self.depth + 1):
-            layers.append(Dense(w[..., l], b[..., l]))
-            if l < self.depth:
-                layers.append(act())
-        return serial(*layers)
+        return fully_connected(self.depth, self.activation, self.weight_var, self.bias_var,
+                               per_layer=True)
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, **params) -> Tensor:
         if params.get("last_dim_is_batch", False):

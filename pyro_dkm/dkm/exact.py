@@ -22,9 +22,9 @@ from pyro.nn.module import pyro_method
 from torch import Tensor
 from torch.distributions import constraints
 
+from .._pyro import sync_param_store
 from ..kernels.gram import GramKernel
 from ..linalg import check_tensor, cholesky, cholesky_solve, gaussian_log_marginal, solve_tril
-from .._pyro import sync_param_store
 from .layers import GramLayer, InputGram, KernelLayer, propagate_gram
 from .model import _per_layer
 

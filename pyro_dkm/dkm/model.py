@@ -26,14 +26,14 @@ from typing import Sequence
 
 import pyro
 import torch
-from pyro.nn import PyroModule, PyroParam
+from pyro.nn import PyroModule
 from pyro.nn.module import pyro_method
 from torch import Tensor
-from torch.distributions import constraints, transform_to
+from torch.distributions import transform_to
 
 from .._pyro import sync_param_store
 from ..kernels.gram import GramKernel
-from ..likelihoods import Categorical, Gaussian, Likelihood, as_likelihood
+from ..likelihoods import Categorical, Gaussian, as_likelihood
 from ..linalg import check_tensor, cholesky, cholesky_solve, solve_tril
 from .gram_blocks import GramBlocks
 from .inducing import select_inducing_points
@@ -388,9 +388,10 @@ class DeepKernelMachine(PyroModule):
     @pyro_method
     def objective(self, X: Tensor, y: Tensor, *, num_data: int | None = None) -> Tensor:
         """The sparse DKM objective (closed form for Gaussian and Poisson likelihoods,
-        quadrature for other scalar ones, Monte Carlo for the softmax). ``num_data=N``: ``X, y`` are a minibatch of a
-        data set of ``N`` points and the likelihood term is scaled by ``N / len(X)`` (an
-        unbiased estimate; equal to ``-TraceMeanField_ELBO`` of the model on that batch)."""
+        quadrature for other scalar ones, Monte Carlo for the softmax). ``num_data=N``:
+        ``X, y`` are a minibatch of a data set of ``N`` points and the likelihood term is
+        scaled by ``N / len(X)`` (an unbiased estimate; equal to ``-TraceMeanField_ELBO``
+        of the model on that batch)."""
         sync_param_store(self)
         X = self._check_X(X)
         y = self._check_y(y, X.shape[0])

@@ -19,9 +19,9 @@ host library's optimiser.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
+import gpytorch
 import pyro.contrib.gp as gp
 import torch
 from torch import Tensor
@@ -123,31 +123,18 @@ class PyroGPKernel(gp.kernels.Kernel):
         return _call(self.base, X, Z, diag)
 
 
-@functools.lru_cache(maxsize=None)
-def _gpytorch_kernel_cls():
-    import gpytorch
+class GPyTorchKernel(gpytorch.kernels.Kernel):
+    """Any protocol kernel as a ``gpytorch.kernels.Kernel`` (a ``torch.nn.Module`` kernel
+    becomes the submodule ``base``)."""
 
-    class GPyTorchKernel(gpytorch.kernels.Kernel):
-        """Any protocol kernel as a ``gpytorch.kernels.Kernel`` (a ``torch.nn.Module``
-        kernel becomes the submodule ``base``)."""
+    has_lengthscale = False
 
-        has_lengthscale = False
+    def __init__(self, kernel, **kwargs):
+        super().__init__(**kwargs)
+        self.base = check_kernel(kernel)
 
-        def __init__(self, kernel, **kwargs):
-            super().__init__(**kwargs)
-            self.base = check_kernel(kernel)
-
-        def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, **params) -> Tensor:
-            if params.get("last_dim_is_batch", False):
-                raise ValueError("GPyTorchKernel does not support last_dim_is_batch=True")
-            same = x1 is x2 or (x1.shape == x2.shape and torch.equal(x1, x2))
-            return _call(self.base, x1, None if same else x2, diag)
-
-    return GPyTorchKernel
-
-
-def __getattr__(name):
-    # GPyTorch is imported on first use only
-    if name == "GPyTorchKernel":
-        return _gpytorch_kernel_cls()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, **params) -> Tensor:
+        if params.get("last_dim_is_batch", False):
+            raise ValueError("GPyTorchKernel does not support last_dim_is_batch=True")
+        same = x1 is x2 or (x1.shape == x2.shape and torch.equal(x1, x2))
+        return _call(self.base, x1, None if same else x2, diag)

@@ -402,3 +402,33 @@ def serial(*layers: Layer) -> NNGPKernelFn:
     if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
         layers = tuple(layers[0])
     return NNGPKernelFn(layers)
+
+
+ACTIVATIONS = {"relu": Relu, "erf": Erf}
+
+
+def fully_connected(depth: int, activation: str = "relu", weight_var=2.0, bias_var=0.1, *,
+                    per_layer: bool = False) -> NNGPKernelFn:
+    """The kernel function of a fully-connected net with ``depth`` hidden layers,
+    ``serial(Dense(w_0, b_0), act, Dense(w_1, b_1), act, ..., Dense(w_depth, b_depth))``.
+
+    Args:
+        depth: hidden layers (``>= 0``); activation: ``"relu"`` or ``"erf"``.
+        weight_var, bias_var: shared by every layer (floats or tensors), or with
+            ``per_layer`` tensors whose last dimension holds the ``depth + 1`` layers'
+            values (leading dimensions are hyper-parameter batch dimensions).
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"depth must be a non-negative int, got {depth!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got "
+                         f"{activation!r}")
+    act = ACTIVATIONS[activation]
+    layers = []
+    for l in range(depth + 1):
+        w = weight_var[..., l] if per_layer else weight_var
+        b = bias_var[..., l] if per_layer else bias_var
+        layers.append(Dense(w, b))
+        if l < depth:
+            layers.append(act())
+    return serial(*layers)

@@ -48,9 +48,10 @@ from pyro.nn.module import pyro_method
 from torch import Tensor
 from torch.distributions import constraints
 
-from .._training import OptimiserSteps, shuffled_minibatches
 from .._pyro import sync_param_store
+from .._training import OptimiserSteps, shuffled_minibatches
 from ..kernels.nngp import NNGPKernelFn
+from ..likelihoods import Categorical
 from ..linalg import check_tensor, cholesky, solve_tril
 from .regression import NNGPCovariance
 
@@ -176,6 +177,7 @@ class SparseVariationalClassifier(PyroModule):
         M, C = Z.shape[0], num_classes
         self.num_inducing, self.num_classes, self.input_dim = M, C, Z.shape[1]
         self.num_likelihood_samples = num_likelihood_samples
+        self.likelihood = Categorical(num_samples=num_likelihood_samples)
         self.scale_posterior = scale_posterior
         self.kernel = NNGPCovariance(learn_variance=False) if kernel is None else kernel
         if isinstance(self.kernel, torch.nn.Module):
@@ -345,7 +347,8 @@ class SparseVariationalClassifier(PyroModule):
     def model(self, X: Tensor, y: Tensor | None = None, *, num_data: int | None = None):
         """Pyro model: ``scale ~ p(s)`` (if any), whitened ``v ~ N(0, I)``, and the
         Monte-Carlo expected log-likelihood given ``(s, v)`` as a factor inside
-        ``pyro.plate("data", num_data, subsample=...)``; without ``y``, samples labels."""
+        ``pyro.plate("data", num_data, subsample=...)`` (the site ``"likelihood.y"`` of a
+        :class:`~pyro_dkm.likelihoods.Categorical`); without ``y``, samples labels."""
         sync_param_store(self)
         X = self.check_X(X)
         B = X.shape[0]
@@ -361,17 +364,9 @@ class SparseVariationalClassifier(PyroModule):
         v = pyro.sample("v", dist.Normal(X.new_zeros(C, M), 1.0).to_event(2))
         A, resid = self._whitened_projection(X)
         mean = (v @ A).mT  # (B, C)
-        scale = (resid[:, None] * s).sqrt()
+        # given (s, v): f ~ N(sqrt(s) v A, s resid), observed under the softmax likelihood
         with plate:
-            if y is None:
-                f = mean * s ** 0.5 + scale * torch.randn_like(mean)
-                return pyro.sample("obs", dist.Categorical(logits=f))
-            S = self.num_likelihood_samples
-            f = mean * s ** 0.5 + scale * torch.randn((S,) + mean.shape, dtype=mean.dtype,
-                                                       device=mean.device)
-            logp = torch.log_softmax(f, -1).gather(-1, y[None, :, None].expand(S, B, 1))
-            pyro.factor("obs", logp.squeeze(-1).mean(0))
-        return y
+            return self.likelihood(mean * s ** 0.5, (resid[:, None] * s).expand_as(mean), y)
 
     @pyro_method
     def guide(self, X: Tensor, y: Tensor | None = None, **kwargs):

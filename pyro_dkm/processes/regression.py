@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.distributions import Normal, StudentT, constraints
 
 from .._pyro import sync_param_store
-from ..kernels.nngp import Dense, Erf, Relu, serial
+from ..kernels.nngp import ACTIVATIONS, fully_connected
 from ..linalg import check_tensor, cholesky, solve_tril
 from .scale_mixture import (
     GaussianScaleLikelihood,
@@ -80,11 +80,9 @@ class NNGPCovariance(PyroModule):
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be a non-negative int, got {depth!r}")
-        acts = {"relu": Relu, "erf": Erf}
-        if activation not in acts:
+        if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be 'relu' or 'erf', got {activation!r}")
         self.depth, self.activation = depth, activation
-        self._act = acts[activation]
         self.weight_var = PyroParam(_pos(weight_var, "weight_var"), constraints.positive)
         self.bias_var = PyroParam(_pos(bias_var, "bias_var"), constraints.positive)
         if learn_variance:
@@ -93,11 +91,7 @@ class NNGPCovariance(PyroModule):
             self.register_buffer("variance", _pos(variance, "variance"))
 
     def kernel_fn(self):
-        wv, bv = self.weight_var, self.bias_var
-        layers = [Dense(wv, bv)]
-        for _ in range(self.depth):
-            layers += [self._act(), Dense(wv, bv)]
-        return serial(*layers)
+        return fully_connected(self.depth, self.activation, self.weight_var, self.bias_var)
 
     def forward(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False) -> Tensor:
         k = self.kernel_fn()(x1, x2, diag=diag)
