@@ -144,10 +144,17 @@ class PyroFunctionalTucker(PyroModule):
         sampled from the conditional prior); see :func:`grids_and_index`.
     :param ranks, nu, lengthscale, variance, core, core_prior_scale, noise_prior:
         as in :class:`~pyro_dkm.tucker.FunctionalTucker`.
+    :param likelihood: ``None`` (Gaussian entries with a Gamma prior on their precision
+        ``tau``, the CEP model), or any :class:`~pyro_dkm.likelihoods.Likelihood`
+        (``Poisson()``, ``StudentT()``, ``Bernoulli()``, ...), a name of one or a callable
+        ``f -> Distribution``: entries are then observed under it (site
+        ``"likelihood.y"``) and its own parameters are ``PyroParam`` point estimates.
 
     Sample sites: ``u_k`` (R_k, T_k, d_k) per mode inside plate ``factors_k``;
-    ``core`` (P,) ; ``tau`` (noise precision); ``obs`` in plate ``data``.
-    Train with ``SVI(model.model, guide, optim, Trace_ELBO())``.
+    ``core`` (P,) ; ``tau`` (noise precision, Gaussian entries only); ``obs`` (or
+    ``likelihood.y``) in plate ``data``. Train with ``SVI(model.model, guide, optim,
+    Trace_ELBO())`` and a :class:`TuckerMeanFieldGuide`, which also covers any latent
+    site a subclass adds (e.g. a sampled bias in an overridden :meth:`likelihood_params`).
     """
 
     def __init__(
@@ -161,10 +168,13 @@ class PyroFunctionalTucker(PyroModule):
         core: str = "tucker",
         core_prior_scale: float = 1.0,
         noise_prior: tuple[float, float] = (1e-3, 1e-3),
+        likelihood=None,
     ):
         super().__init__()
+        from ..likelihoods import as_likelihood
         from .model import FunctionalTucker
 
+        self.lik = None if likelihood is None else as_likelihood(likelihood)
         # reuse the argument checks of the CEP model
         spec = FunctionalTucker(
             ranks,
@@ -217,8 +227,17 @@ class PyroFunctionalTucker(PyroModule):
         ops = [self.core_tensor(core)] + [us[k][:, index[:, k]].T for k in range(self.K)]
         return torch.einsum(",".join([letters] + ["n" + c for c in letters]) + "->n", *ops)
 
+    @property
+    def has_tau(self) -> bool:
+        """Whether the model samples the Gaussian noise precision ``tau``."""
+        return self.lik is None and type(self).likelihood_params is \
+            PyroFunctionalTucker.likelihood_params
+
     def likelihood_params(self):
-        """Global likelihood parameters, sampled outside the data plate (default: tau)."""
+        """Global likelihood parameters, sampled outside the data plate (default: tau;
+        ``None`` with a ``likelihood`` object)."""
+        if self.lik is not None:
+            return None
         a0, b0 = self.spec.a0, self.spec.b0
         return pyro.sample(
             "tau",
@@ -245,7 +264,10 @@ class PyroFunctionalTucker(PyroModule):
         with pyro.plate("data", N, subsample_size=subsample_size) as ind:
             f = self.entries(us, core, index[ind])
             obs = None if values is None else values[ind]
-            pyro.sample("obs", self.likelihood(f, params), obs=obs)
+            if self.lik is not None:  # f is a sample here: its variance is 0
+                self.lik(f, torch.zeros_like(f), obs)
+            else:
+                pyro.sample("obs", self.likelihood(f, params), obs=obs)
         return f
 
     def forward(self, index, values=None, subsample_size=None):
@@ -301,10 +323,16 @@ class TuckerMeanFieldGuide(PyroModule):
         self.core_loc = PyroParam(core0)
         self.core_scale_tril = PyroParam(init_scale * torch.eye(P, dtype=torch.float64),
                                          constraint=constraints.lower_cholesky)
-        self.tau_concentration = PyroParam(torch.tensor(10.0, dtype=torch.float64),
-                                           constraint=constraints.positive)
-        self.tau_rate = PyroParam(torch.tensor(10.0 / init_tau, dtype=torch.float64),
-                                  constraint=constraints.positive)
+        self.has_tau = tucker.has_tau
+        if self.has_tau:
+            self.tau_concentration = PyroParam(torch.tensor(10.0, dtype=torch.float64),
+                                               constraint=constraints.positive)
+            self.tau_rate = PyroParam(torch.tensor(10.0 / init_tau, dtype=torch.float64),
+                                      constraint=constraints.positive)
+        self._model = tucker.model
+        self._known = {f"u_{k}" for k in range(self.K)} | {"core"} | (
+            {"tau"} if self.has_tau else set())
+        self.extra = None  # AutoNormal over latent sites the model adds (set on first call)
 
     def factor_dist(self, k: int) -> dist.Distribution:
         """``q(u^k)``: batch (R_k,), event (T_k, d_k)."""
@@ -326,12 +354,33 @@ class TuckerMeanFieldGuide(PyroModule):
         factors and the core (the multilinear map of the means)."""
         return tucker.entries(self.factor_means(), self.core_loc, index)
 
+    def _extra_sites(self, *args, **kwargs) -> list[str]:
+        """Latent sample sites of the model that this guide's own family does not cover."""
+        with pyro.poutine.block():
+            tr = pyro.poutine.trace(self._model).get_trace(*args, **kwargs)
+        return [name for name, site in tr.nodes.items()
+                if site["type"] == "sample" and not site["is_observed"]
+                and not site["infer"].get("_do_not_trace") and name not in self._known
+                and not name.startswith("_")]
+
     def forward(self, index=None, values=None, subsample_size=None):
+        if self.extra is None and index is not None:
+            extra = self._extra_sites(index, values, subsample_size)
+            if extra:
+                from pyro.infer.autoguide import AutoNormal
+
+                self.extra = AutoNormal(pyro.poutine.block(self._model, expose=extra),
+                                        init_scale=0.05)
+            else:
+                self.extra = False
         for k in range(self.K):
             with pyro.plate(f"factors_{k}", self.ranks[k]):
                 pyro.sample(f"u_{k}", self.factor_dist(k))
         pyro.sample("core", dist.MultivariateNormal(self.core_loc, scale_tril=self.core_scale_tril))
-        pyro.sample("tau", dist.Gamma(self.tau_concentration, self.tau_rate))
+        if self.has_tau:
+            pyro.sample("tau", dist.Gamma(self.tau_concentration, self.tau_rate))
+        if self.extra:
+            self.extra(index, values, subsample_size)
 
 
 def guide_from_cep(tucker: "PyroFunctionalTucker", cep) -> TuckerMeanFieldGuide:

@@ -1,0 +1,82 @@
+"""The Pyro FunBaT with other likelihoods: the guide covers the sites they add."""
+
+import math
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from pyro_dkm.likelihoods import Poisson
+from pyro_dkm.tucker import FunctionalTucker, PyroFunctionalTucker
+from pyro_dkm.tucker.pyro_model import TuckerMeanFieldGuide, guide_from_cep
+
+F64 = torch.float64
+
+
+def _counts(T=25, n=500, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.linspace(0, 1, T, dtype=F64)
+    idx = torch.randint(0, T, (n, 2), generator=g)
+    x = grid[idx]
+    log_rate = 1.0 + 1.2 * torch.sin(2 * math.pi * x[:, 0]) * torch.cos(math.pi * x[:, 1])
+    return grid, idx, x, log_rate, torch.poisson(log_rate.exp(), generator=g)
+
+
+class WithBias(PyroFunctionalTucker):
+    """A user's subclass: Gaussian entries with a sampled global bias."""
+
+    def likelihood_params(self):
+        tau = super().likelihood_params()
+        return tau, pyro.sample("bias", dist.Normal(torch.tensor(0.0, dtype=F64), 1.0))
+
+    def likelihood(self, f, params):
+        tau, bias = params
+        return dist.Normal(f + bias, tau.rsqrt())
+
+
+def test_guide_covers_sites_a_likelihood_adds_and_drops_tau_without_it():
+    grid, idx, _, log_rate, y = _counts(T=8, n=60)
+    for model, sites in ((WithBias([grid, grid], [2, 2]), {"bias", "tau"}),
+                         (PyroFunctionalTucker([grid, grid], [2, 2], likelihood=Poisson()),
+                          set())):
+        guide = TuckerMeanFieldGuide(model)
+        svi = pyro.infer.SVI(model.model, guide, pyro.optim.Adam({"lr": 0.01}),
+                             pyro.infer.Trace_ELBO())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "Found vars in model but not guide" is an error
+            for _ in range(3):
+                svi.step(idx, log_rate if isinstance(model, WithBias) else y)
+        tr = pyro.poutine.trace(guide).get_trace(idx, y)
+        got = {n for n, s in tr.nodes.items() if s["type"] == "sample"
+               and not s["infer"].get("is_auxiliary")
+               and type(s["fn"]).__name__ != "_Subsample"} - {"u_0", "u_1", "core"}
+        assert got == sites, got
+        pyro.clear_param_store()
+
+
+def test_poisson_tucker_started_from_a_cep_fit_recovers_the_rate():
+    # CEP on log counts starts the Poisson model; 200 SVI steps on the Poisson likelihood.
+    # Held-out rate RMSE far below the constant predictor's, and no worse than the start
+    # (measured: CEP start 0.50, after SVI 0.46, constant 1.80).
+    grid, idx, x, log_rate, y = _counts()
+    tr, te = slice(0, 400), slice(400, 500)
+    exposure = float(y[tr].mean())
+    cep = FunctionalTucker([2, 2], nu=1.5, lengthscale=0.3, variance=0.5, core="cp",
+                           progress=False, seed=0)
+    cep.fit(x[tr], (y[tr] + 0.5).log() - math.log(exposure))
+    true = log_rate[te].exp()
+    start = float(((cep.predict(x[te])[0].exp() * exposure) - true).pow(2).mean().sqrt())
+    model = PyroFunctionalTucker([grid, grid], [2, 2], nu=1.5, lengthscale=0.3, variance=0.5,
+                                 core="cp", likelihood=Poisson(exposure=exposure))
+    guide = guide_from_cep(model, cep)
+    svi = pyro.infer.SVI(model.model, guide, pyro.optim.Adam({"lr": 0.005}),
+                         pyro.infer.Trace_ELBO())
+    for _ in range(200):
+        svi.step(idx[tr], y[tr])
+    with torch.no_grad():
+        rate = guide.mean_entries(model, idx[te]).exp() * exposure
+    rmse = float((rate - true).pow(2).mean().sqrt())
+    const = float((y[tr].mean() - true).pow(2).mean().sqrt())
+    assert rmse < 0.35 * const, (rmse, const)
+    assert rmse < start + 0.02, (rmse, start)
