@@ -21,7 +21,9 @@ class FitResult:
     ``losses``: the training loss per data point, one per optimiser step (or per EM /
     CEP sweep); ``val``: ``(step, validation metric)`` pairs (mean negative log
     predictive density, lower is better); ``best_step``: the step whose parameters were
-    kept; ``details``: the model-specific record (e.g. a ``RobustFit``), if any."""
+    kept; ``interrupted``: stopped by ``KeyboardInterrupt`` (the result so far is returned,
+    best-validation parameters restored); ``details``: the model-specific record (e.g. a
+    ``RobustFit``), if any."""
 
     losses: list = field(default_factory=list)
     val: list = field(default_factory=list)
@@ -30,6 +32,7 @@ class FitResult:
     seconds: float = 0.0
     steps: int = 0
     seconds_per_epoch: float = float("nan")
+    interrupted: bool = False
     details: Any = None
 
 
@@ -83,8 +86,10 @@ class OptimiserSteps:
             self.scheduler.step()
         value = float(loss.detach()) / self.num_data
         if not math.isfinite(value):
+            last = f"{self.losses[-1]:.6g} per point" if self.losses else "none yet"
             raise FloatingPointError(f"the training loss became {value} at step "
-                                     f"{self.step + 1}")
+                                     f"{self.step + 1} (last finite loss: {last}); lower the "
+                                     f"learning rate or check the data")
         self.losses.append(value)
         if self.bar is not None:
             self.bar.update(1)

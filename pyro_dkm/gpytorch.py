@@ -21,18 +21,16 @@ from .kernels.adapters import GPyTorchKernel  # noqa: E402
 from .kernels.keops import DEFAULT_KEOPS_THRESHOLD
 from .kernels.nngp import ACTIVATIONS as _ACTIVATIONS
 from .kernels.nngp import fully_connected
+from .linalg import check_positive
 
 __all__ = ["NNGPKernel", "DeepKernelMachineGP", "GPyTorchKernel"]
 
 
 
 def _check_init_variance(value, name: str, *, allow_zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not (value > 0 or (allow_zero and value == 0)):
-        raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, "
-                         f"got {value}")
-    return float(value)
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a float, got a tensor")
+    return check_positive(value, name, allow_zero=allow_zero)
 
 
 class NNGPKernel(gpytorch.kernels.Kernel):

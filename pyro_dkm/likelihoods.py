@@ -35,6 +35,8 @@ from pyro.nn import PyroModule, PyroParam
 from torch import Tensor
 from torch.distributions import constraints
 
+from .linalg import check_positive
+
 __all__ = [
     "Likelihood", "Gaussian", "StudentT", "Bernoulli", "Poisson", "Categorical",
     "FunctionLikelihood", "as_likelihood", "gauss_hermite",
@@ -52,10 +54,7 @@ def gauss_hermite(order: int, like: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _positive(value, name: str) -> Tensor:
-    v = float(value)
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be positive and finite, got {value}")
-    return torch.tensor(v, dtype=torch.float64)
+    return torch.tensor(float(check_positive(value, name)), dtype=torch.float64)
 
 
 class Likelihood(PyroModule):

@@ -14,6 +14,7 @@ from torch import Tensor
 __all__ = [
     "NotPositiveDefiniteError",
     "check_tensor",
+    "check_positive",
     "cholesky",
     "solve_tril",
     "cholesky_solve",
@@ -82,6 +83,34 @@ def check_tensor(
         n_bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} contains {n_bad} NaN or infinite value(s)")
     return x
+
+
+def check_positive(value, name: str, *, allow_zero: bool = False):
+    """Validate a positive (``allow_zero``: non-negative), finite hyper-parameter: a Python
+    number (returned as ``float``) or a floating tensor (returned as is, every entry
+    checked). ``TypeError`` for other types (``bool`` included), ``ValueError`` naming
+    ``name`` for NaN, infinite or out-of-range values. The one checker of the package."""
+    kind = "non-negative" if allow_zero else "positive"
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a {kind} float or floating-point tensor, got "
+                            f"dtype {value.dtype}")
+        v = value.detach()
+        if bool(torch.isnan(v).any()):
+            raise ValueError(f"{name} must be {kind} and finite, got NaN")
+        bad = (v < 0) if allow_zero else (v <= 0)
+        if bool(bad.any()) or not bool(torch.isfinite(v).all()):
+            shown = float(v) if v.numel() == 1 else v.cpu().numpy()
+            raise ValueError(f"{name} must be {kind} and finite, got {shown}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a {kind} float, got {type(value).__name__}")
+    v = float(value)
+    if math.isnan(v):
+        raise ValueError(f"{name} must be {kind} and finite, got NaN")
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {kind} and finite, got {v}")
+    return v
 
 
 def _check_square(A: Tensor, name: str) -> None:

@@ -142,6 +142,10 @@ def fit(
     steps_per_epoch = math.ceil(N / B)
     if num_steps is not None and epochs is not None:
         raise ValueError("give num_steps or epochs, not both")
+    for arg, value in (("num_steps", num_steps), ("epochs", epochs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"{arg} must be a positive int, got {value!r}")
     total = num_steps if num_steps is not None else (
         epochs * steps_per_epoch if epochs is not None else 1000)
     elbo_name = elbo if isinstance(elbo, str) else None
@@ -164,30 +168,33 @@ def fit(
     with OptimiserSteps(opt, total=total, num_data=N, desc=type(model).__name__,
                         progress=progress, scheduler=_make_scheduler(opt, lr_schedule, total),
                         callback=callback) as steps:
-        while steps.step < total:
-            if exact:
-                loss = -model.objective()
-            elif closed_form:
-                idx = next(batches)
-                loss = -model._objective(X[idx], y_checked[idx], N)
-            else:
-                idx = next(batches)
-                loss = elbo.differentiable_loss(model.model, model.guide, X[idx], y[idx],
-                                                num_data=N)
-            if steps(loss):
-                break
-            step = steps.step
-            if X_val is not None and (step % eval_every == 0 or step == total):
-                metric = validation_metric(model, X_val, y_val)
-                result.val.append((step, metric))
-                if metric < best:
-                    best, bad, result.best_step = metric, 0, step
-                    best_state = copy.deepcopy(model.state_dict())
+        try:
+            while steps.step < total:
+                if exact:
+                    loss = -model.objective()
+                elif closed_form:
+                    idx = next(batches)
+                    loss = -model._objective(X[idx], y_checked[idx], N)
                 else:
-                    bad += 1
-                    if patience is not None and bad >= patience:
-                        result.stopped_early = True
-                        break
+                    idx = next(batches)
+                    loss = elbo.differentiable_loss(model.model, model.guide, X[idx], y[idx],
+                                                    num_data=N)
+                if steps(loss):
+                    break
+                step = steps.step
+                if X_val is not None and (step % eval_every == 0 or step == total):
+                    metric = validation_metric(model, X_val, y_val)
+                    result.val.append((step, metric))
+                    if metric < best:
+                        best, bad, result.best_step = metric, 0, step
+                        best_state = copy.deepcopy(model.state_dict())
+                    else:
+                        bad += 1
+                        if patience is not None and bad >= patience:
+                            result.stopped_early = True
+                            break
+        except KeyboardInterrupt:  # keep what was learnt; the best state is restored below
+            result.interrupted = True
     result.losses = steps.losses
     result.seconds = time.perf_counter() - t0
     result.steps = steps.step

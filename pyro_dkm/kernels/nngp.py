@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..linalg import check_tensor
+from ..linalg import check_positive, check_tensor
 from ._closed_forms import clamp_eps, erf_diag, erf_expectations, relu_diag, relu_expectations
 from ._fused import broadcast_shape, erf_block_, erf_cov_dot, relu_block_, relu_cov_dot
 
@@ -96,21 +96,7 @@ class Layer:
 
 
 def _as_variance(value, name: str, *, allow_zero: bool):
-    if isinstance(value, Tensor):
-        if not torch.isfinite(value).all():
-            raise ValueError(f"{name} must be finite, got {value}")
-        bad = (value < 0).any() if allow_zero else (value <= 0).any()
-        if bool(bad):
-            raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, "
-                             f"got {value.detach().cpu().numpy()}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'} and "
-                         f"finite, got {value}")
-    return value
+    return check_positive(value, name, allow_zero=allow_zero)
 
 
 def _batch_align(value, n_trailing: int):

@@ -32,7 +32,7 @@ from torch.distributions import Normal, StudentT, constraints
 
 from .._pyro import sync_param_store
 from ..kernels.nngp import ACTIVATIONS, fully_connected
-from ..linalg import check_tensor, cholesky, solve_tril
+from ..linalg import check_positive, check_tensor, cholesky, solve_tril
 from .scale_mixture import (
     GaussianScaleLikelihood,
     ScalePosterior,
@@ -52,13 +52,11 @@ __all__ = [
 ]
 
 
-def _pos(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
-        raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
-    v = float(value) if not isinstance(value, Tensor) else float(value.detach())
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be positive and finite, got {v}")
-    return torch.tensor(v, dtype=torch.float64)
+def _pos(value, name) -> Tensor:
+    """A positive, finite scalar hyper-parameter as a float64 tensor."""
+    if isinstance(value, Tensor) and value.numel() != 1:
+        raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
+    return torch.tensor(float(check_positive(value, name)), dtype=torch.float64)
 
 
 class NNGPCovariance(PyroModule):
@@ -391,21 +389,35 @@ def fit(model: _ExactRegression, *, steps: int = 100, lr: float = 0.05,
     history: list[float] = []
     t0 = time.perf_counter()
 
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+
     def closure():
         opt.zero_grad()
         loss = -model.log_marginal() / n
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            last = f"{history[-1]:.6g}" if history else "none yet"
+            raise FloatingPointError(
+                f"the negative log marginal likelihood became {value} at evaluation "
+                f"{len(history) + 1} (last finite value: {last} per point); lower lr or "
+                f"check the data")
         loss.backward()
-        history.append(float(loss.detach()))
+        history.append(value)
         return loss
 
-    if optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr)
-        for _ in range(steps):
+    try:
+        if optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=lr)
+            for _ in range(steps):
+                opt.step(closure)
+                if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+                    break
+        else:
+            opt = torch.optim.LBFGS(params, lr=1.0, max_iter=steps,
+                                    line_search_fn="strong_wolfe", tolerance_grad=1e-7,
+                                    tolerance_change=1e-10)
             opt.step(closure)
-            if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-                break
-    else:
-        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=steps, line_search_fn="strong_wolfe",
-                                tolerance_grad=1e-7, tolerance_change=1e-10)
-        opt.step(closure)
+    except KeyboardInterrupt:  # return the history so far; parameters stay as they are
+        pass
     return history

@@ -21,7 +21,7 @@ from pyro.distributions import MultivariateStudentT
 from torch import Tensor
 from torch.distributions import constraints
 
-from ..linalg import check_tensor, cholesky, solve_tril
+from ..linalg import check_positive, check_tensor, cholesky, solve_tril
 
 __all__ = [
     "StudentTProcess",
@@ -87,18 +87,11 @@ def kernel_matrix(kernel: Callable, x1: Tensor, x2: Tensor | None = None, *,
 
 def _positive(value, name: str, like: Tensor | None = None) -> Tensor:
     """A positive, finite floating tensor (ValueError/TypeError naming ``name``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
-        raise TypeError(f"{name} must be a positive float or tensor, got {type(value).__name__}")
+    value = check_positive(value, name)
     if not isinstance(value, Tensor):
         dtype = like.dtype if like is not None else torch.get_default_dtype()
         device = like.device if like is not None else None
-        value = torch.tensor(float(value), dtype=dtype, device=device)
-    elif not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-    if torch.isnan(value).any():
-        raise ValueError(f"{name} contains NaN")
-    if bool((value <= 0).any()) or not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} must be positive and finite, got {value.detach().cpu()}")
+        value = torch.tensor(value, dtype=dtype, device=device)
     return value
 
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..linalg import check_positive
+
 __all__ = ["MaternSSM", "matern_ssm", "matern_kernel", "discretise", "SUPPORTED_NU"]
 
 SUPPORTED_NU = (0.5, 1.5, 2.5)
@@ -51,10 +53,9 @@ def _check_nu(nu) -> float:
 
 
 def _as_positive(x, name: str, dtype, device) -> Tensor:
-    t = torch.as_tensor(x, dtype=dtype, device=device)
-    if not torch.isfinite(t).all() or (t <= 0).any():
-        raise ValueError(f"{name} must be finite and > 0, got {x!r}")
-    return t
+    if isinstance(x, bool):
+        raise TypeError(f"{name} must be a positive float, got bool")
+    return check_positive(torch.as_tensor(x, dtype=dtype, device=device), name)
 
 
 @dataclass
