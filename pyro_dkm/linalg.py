@@ -23,6 +23,8 @@ __all__ = [
     "kl_zero_mean_gaussians",
     "kl_zero_mean_gaussians_taylor",
     "symmetrize",
+    "sparse_gp_marginals",
+    "nystrom_residual",
 ]
 
 
@@ -311,3 +313,26 @@ def gaussian_log_marginal(L: Tensor, y: Tensor) -> Tensor:
 
 
 __all__.append("gaussian_log_marginal")
+
+
+def sparse_gp_marginals(loc: Tensor, scale_tril: Tensor, W: Tensor, resid: Tensor
+                        ) -> tuple[Tensor, Tensor]:
+    r"""Marginals of a sparse GP's latent ``f`` at ``T`` points, for ``C`` channels:
+    :math:`\mu_{tc} = m_c^T w_t`, :math:`v_{tc} = r_t + \|S_c^T w_t\|^2`, given the
+    projection ``W`` ``(M, T)`` (``K_ii^{-1} K_it`` for ``q(u)``, ``L^{-1} K_it`` for a
+    whitened ``q(v)``), ``q``'s ``loc`` ``(C, M)`` and ``scale_tril`` ``(M, M)`` (shared) or
+    ``(C, M, M)``, and the conditional variance ``resid`` ``(T,)``. Returns ``(T, C)``
+    each. Used by the DKM's output layer and the Student-t process classifiers."""
+    mean = (loc @ W).mT  # (T, C)
+    q = (scale_tril.mT @ W).pow(2).sum(-2)  # (T,) shared or (C, T)
+    var = resid[:, None] + (q[:, None] if q.dim() == 1 else q.mT)
+    return mean, var.expand_as(mean)
+
+
+def nystrom_residual(k_tt: Tensor, A: Tensor) -> Tensor:
+    r"""The conditional variance :math:`k_{tt} - \|a_t\|^2` ``(T,)`` of a sparse GP
+    (``A = L^{-1} K_{it}`` ``(M, T)``), floored at its rounding level
+    :math:`\epsilon\,k_{tt}`: cancellation can make it negative, and an exact zero (at an
+    inducing input) would give an infinite gradient of its square root. The one floor
+    used by the DKM (its Gram propagation and output layer) and the classifiers."""
+    return torch.maximum(k_tt - A.pow(2).sum(-2), torch.finfo(k_tt.dtype).eps * k_tt.detach())

@@ -37,6 +37,7 @@ from ..linalg import (
     cholesky,
     kl_zero_mean_gaussians,
     kl_zero_mean_gaussians_taylor,
+    nystrom_residual,
     solve_tril,
 )
 from .gram_blocks import GramBlocks
@@ -144,8 +145,9 @@ def propagate_gram(K: GramBlocks, G_tril: Tensor, K_tril: Tensor | None = None) 
     r"""Learned Gram at train/test points from the inducing Gram :math:`G_{ii} = L L^T`.
 
     With :math:`K_{ii} = L_K L_K^T`, :math:`A = L_K^{-1}K_{it}`, :math:`B = L_K^{-1} L`:
-    :math:`G_{ti} = A^T B L^T`, :math:`g_t = [k_{tt} - \|A_{:t}\|^2]_+ + \|B^T A_{:t}\|^2`
-    (the Nystrom residual is clamped at 0 on its own: it is where cancellation happens).
+    :math:`G_{ti} = A^T B L^T`, :math:`g_t = [k_{tt} - \|A_{:t}\|^2]_{\ge \epsilon k_{tt}} + \|B^T A_{:t}\|^2`
+    (the Nystrom residual is floored on its own, at its rounding level: it is where
+    cancellation happens).
 
     Args:
         K: kernel blocks ``(M, M), (T, M), (T,)``.
@@ -159,8 +161,7 @@ def propagate_gram(K: GramBlocks, G_tril: Tensor, K_tril: Tensor | None = None) 
     BtA = B.mT @ A  # (M, T)
     G_ii = G_tril @ G_tril.mT
     G_ti = BtA.mT @ G_tril.mT  # (T, M) = K_ti K_ii^-1 G_ii
-    resid = (K.t_diag - A.pow(2).sum(-2)).clamp_min(0)
-    g_t = resid + BtA.pow(2).sum(-2)
+    g_t = nystrom_residual(K.t_diag, A) + BtA.pow(2).sum(-2)
     return GramBlocks(G_ii, G_ti, g_t)
 
 

@@ -17,7 +17,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import Tensor
 from torch.distributions import constraints
 
-from ..linalg import solve_tril
+from ..linalg import nystrom_residual, solve_tril, sparse_gp_marginals
 from .gram_blocks import GramBlocks
 
 __all__ = ["SparseGPOutput", "conditional_weights"]
@@ -28,8 +28,7 @@ def conditional_weights(K: GramBlocks, K_tril: Tensor) -> tuple[Tensor, Tensor]:
     ``k_tt - diag(K_ti K_ii^-1 K_it)`` ``(T,)``."""
     A = solve_tril(K_tril, K.ti.mT)  # (M, T)
     W = solve_tril(K_tril, A, transpose=True)  # (M, T)
-    resid = (K.t_diag - A.pow(2).sum(-2)).clamp_min(0)
-    return W, resid
+    return W, nystrom_residual(K.t_diag, A)
 
 
 class SparseGPOutput(PyroModule):
@@ -84,8 +83,4 @@ class SparseGPOutput(PyroModule):
         if u is not None:
             mean = (u @ W).mT
             return mean, resid[:, None].expand_as(mean)
-        mean = (self.u_loc @ W).mT  # (T, C)
-        SW = self.u_scale_tril.mT @ W  # (M, T) or (C, M, T)
-        s = SW.pow(2).sum(-2)  # (T,) or (C, T)
-        var = resid[:, None] + (s[:, None] if s.dim() == 1 else s.mT)
-        return mean, var.expand_as(mean)
+        return sparse_gp_marginals(self.u_loc, self.u_scale_tril, W, resid)

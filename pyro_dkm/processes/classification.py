@@ -52,7 +52,13 @@ from .._pyro import sync_param_store
 from .._training import OptimiserSteps, shuffled_minibatches
 from ..kernels.nngp import NNGPKernelFn
 from ..likelihoods import Categorical
-from ..linalg import check_tensor, cholesky, solve_tril
+from ..linalg import (
+    check_tensor,
+    cholesky,
+    nystrom_residual,
+    solve_tril,
+    sparse_gp_marginals,
+)
 from .regression import NNGPCovariance
 
 __all__ = ["NNGPCovariance", "SparseVariationalClassifier", "SVGPClassifier",
@@ -291,21 +297,13 @@ class SparseVariationalClassifier(PyroModule):
         Z = self.inducing_points
         L = cholesky(_kernel(self.kernel, Z), name="K_ZZ (kernel at the inducing points)")
         A = solve_tril(L, _kernel(self.kernel, Z, X))
-        kxx = _kernel(self.kernel, X, diag=True)
-        # floored at its rounding level (exact zeros at the inducing inputs would give
-        # infinite gradients of sqrt(resid))
-        resid = torch.maximum(kxx - A.pow(2).sum(0), torch.finfo(kxx.dtype).eps * kxx.detach())
-        return A, resid
+        return A, nystrom_residual(_kernel(self.kernel, X, diag=True), A)
 
     def latent_marginals(self, X: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and variance ``(T, C)`` of :math:`q(f \\mid s = 1)` at the rows of ``X``
         (multiply the mean by :math:`\\sqrt s` and the variance by :math:`s`)."""
         A, resid = self._whitened_projection(X)
-        mean = (self.v_loc @ A).mT  # (T, C)
-        SA = self.v_scale_tril.mT @ A  # (M, T) or (C, M, T)
-        q = SA.pow(2).sum(-2)
-        var = resid[:, None] + (q[:, None] if q.dim() == 1 else q.mT)
-        return mean, var.expand_as(mean)
+        return sparse_gp_marginals(self.v_loc, self.v_scale_tril, A, resid)
 
     def _sample_scale(self, n: int, dtype, device) -> Tensor:
         if not self.has_scale:
