@@ -145,7 +145,8 @@ def propagate_gram(K: GramBlocks, G_tril: Tensor, K_tril: Tensor | None = None) 
     r"""Learned Gram at train/test points from the inducing Gram :math:`G_{ii} = L L^T`.
 
     With :math:`K_{ii} = L_K L_K^T`, :math:`A = L_K^{-1}K_{it}`, :math:`B = L_K^{-1} L`:
-    :math:`G_{ti} = A^T B L^T`, :math:`g_t = [k_{tt} - \|A_{:t}\|^2]_{\ge \epsilon k_{tt}} + \|B^T A_{:t}\|^2`
+    :math:`G_{ti} = A^T B L^T`,
+    :math:`g_t = [k_{tt} - \|A_{:t}\|^2]_{\ge \epsilon k_{tt}} + \|B^T A_{:t}\|^2`
     (the Nystrom residual is floored on its own, at its rounding level: it is where
     cancellation happens).
 
