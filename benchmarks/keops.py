@@ -4,7 +4,7 @@ For each N: "dense" materialises K = kfn(X) (+ noise I) and does K @ v, and solv
 Cholesky; "blocked" does K @ v in torch one tile of K at a time (keops_matmul with
 use_keops=False: never holds K whole; of the symmetric K only the upper tiles); "keops"
 does the lazy K @ v through KeOps. Both lazy ones solve (K + noise I) a = y by our
-preconditioned CG (pyro_dkm.kernels.keops.cg_solve: pivoted-Cholesky preconditioner of rank
+preconditioned CG (pyro_dkm.kernels.solvers.cg_solve: pivoted-Cholesky preconditioner of rank
 --precond-rank, relative residual --cg-tol). Each measurement runs in a forked child
 process; peak memory is the child's peak RSS growth (CPU) or
 torch.cuda.max_memory_allocated (GPU). The network is serial(Dense, Relu, Dense, Relu,
@@ -34,13 +34,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import make_parser, print_table, resolve, row, write_json  # noqa: E402
 
-from pyro_dkm.kernels.keops import (  # noqa: E402
-    NNGPOperator,
-    cg_solve,
-    exact_predict,
-    keops_matmul,
-)
+from pyro_dkm.kernels.keops import NNGPOperator, keops_matmul  # noqa: E402
 from pyro_dkm.kernels.nngp import Dense, Relu, serial  # noqa: E402
+from pyro_dkm.kernels.solvers import cg_solve, exact_predict  # noqa: E402
 
 D = 8
 NOISE = 0.1

@@ -21,8 +21,8 @@ os.environ.setdefault("KEOPS_VERBOSE", "0")
 
 import torch  # noqa: E402
 
-from pyro_dkm.kernels.keops import exact_predict  # noqa: E402
 from pyro_dkm.kernels.nngp import Dense, Relu, serial  # noqa: E402
+from pyro_dkm.kernels.solvers import exact_predict  # noqa: E402
 
 
 def main():

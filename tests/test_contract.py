@@ -50,7 +50,8 @@ def test_fit_rejects_bad_steps_and_options_a_model_cannot_honour():
 
 def test_settings_context_manager_restores_and_reaches_the_solvers():
     from pyro_dkm.kernels import Dense, Relu, serial
-    from pyro_dkm.kernels.keops import NNGPOperator, cg_solve
+    from pyro_dkm.kernels.keops import NNGPOperator
+    from pyro_dkm.kernels.solvers import cg_solve
 
     assert settings.cg_tol == 1e-6 and settings.use_keops == "auto"
     kfn = serial(Dense(2.0, 0.1), Relu(), Dense(1.0, 0.0))

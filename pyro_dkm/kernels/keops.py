@@ -56,9 +56,6 @@ from .nngp import Dense, Erf, NNGPKernelFn, Relu
 
 __all__ = [
     "keops_available",
-    "cg_solve",
-    "inv_quad",
-    "exact_predict",
     "set_keops_cache_dir",
     "keops_matmul",
     "NNGPOperator",
@@ -528,7 +525,3 @@ class NNGPOperator(LinearOperator):
 # --------------------------------------------------------------------------
 # Solves: exact GP and Student-t process regression without materialising K
 # --------------------------------------------------------------------------
-
-
-# the solvers built on these products live in .solvers (re-exported here)
-from .solvers import _pivoted_cholesky, cg_solve, exact_predict, inv_quad  # noqa: E402,F401

@@ -17,6 +17,7 @@ os.environ.setdefault("PYKEOPS_VERBOSE", "0")
 os.environ.setdefault("KEOPS_VERBOSE", "0")
 
 from pyro_dkm.kernels import keops as K  # noqa: E402
+from pyro_dkm.kernels import solvers as S  # noqa: E402
 from pyro_dkm.kernels.nngp import Dense, Erf, Relu, serial  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not K.keops_available(), reason="pykeops not installed")
@@ -110,7 +111,7 @@ def test_cg_solve_matches_cholesky_n2000():
     kfn = _net(2, ("relu",))
     op = K.NNGPOperator(kfn, x, noise=0.1, use_keops=True)
     info = {}
-    alpha = K.cg_solve(op, y, tol=1e-10, max_iter=500, precond_rank=50, info=info)
+    alpha = S.cg_solve(op, y, tol=1e-10, max_iter=500, precond_rank=50, info=info)
     Kd = kfn(x) + 0.1 * torch.eye(n, dtype=F64)
     want = torch.cholesky_solve(y, torch.linalg.cholesky(Kd))
     assert _rel(alpha, want) < 1e-6
@@ -118,7 +119,7 @@ def test_cg_solve_matches_cholesky_n2000():
     # the operator's diagonal is the exact dense one
     assert torch.allclose(op.diagonal(), Kd.diagonal(), rtol=1e-12, atol=0)
     # the Student-t / GP quadratic form y^T (K + s2 I)^-1 y from the same kind of solve
-    quad = K.inv_quad(op, y, tol=1e-10, precond_rank=50)
+    quad = S.inv_quad(op, y, tol=1e-10, precond_rank=50)
     assert abs(quad.item() - (y * want).sum().item()) < 1e-6 * (y * want).sum().item()
 
 
@@ -126,12 +127,12 @@ def test_pivoted_cholesky_is_exact_at_full_rank_and_greedy_below():
     kfn = serial(Dense(2.0, 0.1), Relu(), Dense(1.0, 0.05))
     x = torch.randn(40, 3, dtype=torch.float64)
     Kd = kfn(x)
-    L = K._pivoted_cholesky(kfn, x, "nngp", 40)
+    L = S._pivoted_cholesky(kfn, x, "nngp", 40)
     assert torch.allclose(L.mT @ L, Kd, atol=1e-10)
     # rank r: the residual K - L^T L is PSD, and its trace shrinks as r grows
     traces = []
     for r in (5, 10, 20):
-        Lr = K._pivoted_cholesky(kfn, x, "nngp", r)
+        Lr = S._pivoted_cholesky(kfn, x, "nngp", r)
         assert Lr.shape == (r, 40)
         resid = Kd - Lr.mT @ Lr
         assert torch.linalg.eigvalsh(resid).min() > -1e-10
@@ -160,7 +161,7 @@ def test_linear_operator_solve_and_exact_predict():
             linear_operator.settings.max_cg_iterations(300):
         got = op.solve(y[:, None])[:, 0]
     assert _rel(got, want) < 1e-4
-    mean, var, quad = K.exact_predict(kfn, x, y, xs, noise=0.1, variance=True, block=1,
+    mean, var, quad = S.exact_predict(kfn, x, y, xs, noise=0.1, variance=True, block=1,
                                       tol=1e-10, precond_rank=20)
     Ks = kfn(xs, x)
     torch.testing.assert_close(mean, Ks @ want, rtol=1e-7, atol=1e-7)
