@@ -99,7 +99,7 @@ def check_positive(value, name: str, *, allow_zero: bool = False):
                             f"dtype {value.dtype}")
         v = value.detach()
         if bool(torch.isnan(v).any()):
-            raise ValueError(f"{name} must be {kind} and finite, got NaN")
+            raise ValueError(f"{name} contains NaN (expected {kind}, finite values)")
         bad = (v < 0) if allow_zero else (v <= 0)
         if bool(bad.any()) or not bool(torch.isfinite(v).all()):
             shown = float(v) if v.numel() == 1 else v.cpu().numpy()
@@ -109,7 +109,7 @@ def check_positive(value, name: str, *, allow_zero: bool = False):
         raise TypeError(f"{name} must be a {kind} float, got {type(value).__name__}")
     v = float(value)
     if math.isnan(v):
-        raise ValueError(f"{name} must be {kind} and finite, got NaN")
+        raise ValueError(f"{name} contains NaN (expected a {kind}, finite value)")
     if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name} must be {kind} and finite, got {v}")
     return v
