@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 from torch.distributions import Normal  # noqa: E402
 
-from .linalg import check_tensor, cholesky, cholesky_solve, gaussian_log_marginal  # noqa: E402
+from .linalg import check_tensor  # noqa: E402
 
 __all__ = ["SVGPRegressor", "DeepGPRegressor", "NNGPRegressor", "gaussian_test_metrics"]
 
@@ -226,61 +226,35 @@ class DeepGPRegressor:
 
 class NNGPRegressor:
     """Exact GP regression with an NNGP kernel (:mod:`pyro_dkm.kernels.nngp`): a ReLU net
-    of ``depth`` hidden layers, weight/bias variances and noise fitted by Adam on the exact
-    log marginal likelihood (``O(N^3)`` per step; one "epoch" is one full-batch step)."""
+    of ``depth`` hidden layers, weight/bias variances, amplitude and noise fitted by Adam on
+    the exact log marginal likelihood (``O(N^3)`` per step; one "epoch" is one full-batch
+    step). A thin front end of :class:`~pyro_dkm.processes.GaussianProcessRegression` with
+    an :class:`~pyro_dkm.processes.NNGPCovariance` (the package's one exact regression)."""
 
     def __init__(self, depth: int = 2, activation: str = "relu"):
         if activation not in ("relu", "erf"):
             raise ValueError(f"activation must be 'relu' or 'erf', got {activation!r}")
         self.depth = depth
         self.activation = activation
-        self.X = None
-
-    def _kfn(self):
-        from .kernels.nngp import fully_connected
-
-        return fully_connected(self.depth, self.activation, self.log_wv.exp(),
-                               self.log_bv.exp())
-
-    def _K(self, X1, X2=None):
-        return self.log_scale.exp() * self._kfn()(X1, X2, get="nngp")
-
-    def _tril(self):
-        K = self._K(self.X)
-        K = K + self.log_noise.exp() * torch.eye(K.shape[0], dtype=K.dtype)
-        return cholesky(K, name="K + noise I")
+        self.gp = None
 
     def fit(self, X: Tensor, y: Tensor, *, epochs: int = 100, lr: float = 0.05, **_) -> float:
         """Fit hyper-parameters by ``epochs`` Adam steps; returns seconds per step."""
+        from .processes.regression import GaussianProcessRegression, NNGPCovariance
+        from .processes.regression import fit as fit_exact
+
         _check_xy(X, y)
-        self.X, self.y = X, y
-        kw = dict(dtype=X.dtype)
-        self.log_wv = torch.tensor(math.log(2.0), **kw, requires_grad=True)
-        self.log_bv = torch.tensor(math.log(0.1), **kw, requires_grad=True)
-        self.log_scale = torch.tensor(0.0, **kw, requires_grad=True)
-        self.log_noise = torch.tensor(math.log(0.1), **kw, requires_grad=True)
-        params = [self.log_wv, self.log_bv, self.log_scale, self.log_noise]
-        opt = torch.optim.Adam(params, lr=lr)
+        kernel = NNGPCovariance(self.depth, self.activation, weight_var=2.0, bias_var=0.1,
+                                variance=1.0)
+        self.gp = GaussianProcessRegression(X, y, kernel.to(X.dtype), noise=0.1).to(X.dtype)
         t0 = time.perf_counter()
-        for _ in range(epochs):
-            opt.zero_grad()
-            loss = -gaussian_log_marginal(self._tril(), y) / X.shape[0]
-            loss.backward()
-            opt.step()
+        if epochs:  # epochs=0: the initial hyper-parameters
+            fit_exact(self.gp, steps=epochs, lr=lr)
         return (time.perf_counter() - t0) / max(epochs, 1)
 
     @torch.no_grad()
     def predict(self, X: Tensor, *, include_noise: bool = True) -> Normal:
-        if self.X is None:
+        if self.gp is None:
             raise RuntimeError("call fit before predict")
         check_tensor(X, "X", ndim=2)
-        L = self._tril()
-        Kts = self._K(X, self.X)
-        mean = Kts @ cholesky_solve(L, self.y.unsqueeze(-1)).squeeze(-1)
-        from .linalg import solve_tril
-        A = solve_tril(L, Kts.T)
-        kdiag = self.log_scale.exp() * self._kfn()(X, get="nngp", diag=True)
-        var = kdiag - A.pow(2).sum(0)
-        if include_noise:
-            var = var + self.log_noise.exp()
-        return Normal(mean, var.clamp_min(1e-12).sqrt())
+        return self.gp.predict(X, include_noise=include_noise)
