@@ -39,7 +39,7 @@ from .linalg import check_positive
 
 __all__ = [
     "Likelihood", "Gaussian", "StudentT", "Bernoulli", "Poisson", "Categorical",
-    "FunctionLikelihood", "as_likelihood", "gauss_hermite",
+    "FunctionLikelihood", "as_likelihood", "gauss_hermite", "softmax_log_prob",
 ]
 
 
@@ -51,6 +51,15 @@ def gauss_hermite(order: int, like: Tensor) -> tuple[Tensor, Tensor]:
     w = w / math.sqrt(2 * math.pi)
     return (torch.as_tensor(x, dtype=like.dtype, device=like.device),
             torch.as_tensor(w, dtype=like.dtype, device=like.device))
+
+
+def softmax_log_prob(f: Tensor, y: Tensor) -> Tensor:
+    """``log softmax(f)[y]``: ``f`` ``(..., T, C)`` latent draws (leading sample dimensions
+    broadcast), ``y`` ``(T,)`` class indices; returns ``(..., T)``. The softmax likelihood
+    of :class:`Categorical` and the Student-t process classifiers' joint-draw ELBO."""
+    logp = torch.log_softmax(f, -1)
+    idx = y.reshape((1,) * (f.dim() - 2) + y.shape + (1,)).expand(f.shape[:-1] + (1,))
+    return logp.gather(-1, idx).squeeze(-1)
 
 
 def _positive(value, name: str) -> Tensor:
@@ -227,9 +236,7 @@ class Categorical(Likelihood):
         C = f_loc.shape[-1]
         if bool(((y < 0) | (y >= C)).any()):
             raise ValueError(f"y holds class indices outside [0, {C - 1}]")
-        logp = torch.log_softmax(self._draws(f_loc, f_var, self.num_samples), -1)
-        idx = y.reshape((1,) + y.shape + (1,)).expand((logp.shape[0],) + y.shape + (1,))
-        return logp.gather(-1, idx).squeeze(-1).mean(0)
+        return softmax_log_prob(self._draws(f_loc, f_var, self.num_samples), y).mean(0)
 
     def predictive(self, f_loc, f_var):
         p = torch.softmax(self._draws(f_loc, f_var, self.predictive_samples), -1).mean(0)

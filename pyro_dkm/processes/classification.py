@@ -51,7 +51,7 @@ from torch.distributions import constraints
 from .._pyro import sync_param_store
 from .._training import OptimiserSteps, shuffled_minibatches
 from ..kernels.nngp import NNGPKernelFn
-from ..likelihoods import Categorical
+from ..likelihoods import Categorical, softmax_log_prob
 from ..linalg import (
     check_tensor,
     cholesky,
@@ -333,8 +333,7 @@ class SparseVariationalClassifier(PyroModule):
                           generator=generator)
         s = self._sample_scale(S, mean.dtype, mean.device)
         f = s.sqrt()[:, None, None] * (mean + var.sqrt() * eps)  # (S, B, C)
-        logp = torch.log_softmax(f, -1).gather(-1, y[None, :, None].expand(S, B, 1))
-        ell = logp.mean(0).sum() * (N / B)
+        ell = softmax_log_prob(f, y).mean(0).sum() * (N / B)
         kl = kl_whitened_gaussian(self.v_loc, self.v_scale_tril)
         if self.has_scale:
             kl = kl + self.scale_kl(s if self._prior is not None else None)
