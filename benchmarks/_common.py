@@ -1,4 +1,4 @@
-"""Shared helpers for the ``benchmarks/`` scripts (the interface of BENCHMARKS.md).
+"""Shared helpers for the ``benchmarks/`` scripts (the interface described in docs/benchmarks.md).
 
 * :func:`make_parser` -- argparse with ``--data-dir --datasets --splits --folds --quick
   --seed --device --dtype --json``;

@@ -3,7 +3,7 @@
 A deep GP with ``L`` hidden layers of widths ``N_l = N nu_l`` and ``N`` copies of the
 targets as output channels (the likelihood scaled with ``N``) has, as ``N -> inf``, a
 posterior over each layer's Gram ``G_l = F_l F_l^T / N_l`` that concentrates at the
-maximiser ``G_l*`` of the exact DKM objective (Yang et al., ICML 2023; DESIGN.md §2).
+maximiser ``G_l*`` of the exact DKM objective (Yang et al., ICML 2023; docs/dkm.md).
 For each width we sample the features ``F_l`` by HMC in Pyro (non-centred:
 ``F_l = chol(K(G_{l-1})) Z_l``, ``Z_l ~ N(0, I)``) on a small subset of a UCI dataset and
 report, per layer, the relative Frobenius error of the posterior-mean Gram and the mean

@@ -57,7 +57,7 @@ def main():
     m = args.n_var
     mean_v, var, _ = exact_predict(kfn, xt, yt, xs[:m], noise=args.noise, variance=True, **cg)
     gp = torch.distributions.Normal(mean_v, (var + args.noise).sqrt())
-    # Student-t process (DESIGN.md section 3): noise folded into the kernel,
+    # Student-t process (docs/processes.md): noise folded into the kernel,
     # a' = a + n/2, b' = b + y^T Ky^-1 y / 2, scale^2 = b'/a' (k** + noise - k*^T Ky^-1 k*).
     a_post, b_post = args.a + args.n / 2, args.b + quad / 2
     tp = torch.distributions.StudentT(2 * a_post, mean_v,

@@ -139,7 +139,7 @@ def exact_predict(kfn: NNGPKernelFn, x: Tensor, y: Tensor, x_test: Tensor, *, no
 
     The Student-t process with an InvGamma(a, b) scale prior has the same mean, and
     predictive ``StudentT(df=2a + n, mean, scale^2 = (b + quad/2) / (a + n/2) * var)``
-    (noise included in the kernel, DESIGN.md §3): every data term is a solve.
+    (noise included in the kernel, docs/processes.md): every data term is a solve.
     """
     check_tensor(y, "y", ndim=1)
     if y.shape[0] != x.shape[0]:

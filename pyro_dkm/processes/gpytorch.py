@@ -4,7 +4,7 @@ Any ``ExactGP`` with a ``GaussianLikelihood`` and any kernel (including
 :class:`pyro_dkm.gpytorch.NNGPKernel`) becomes a Student-t process by swapping its
 marginal log likelihood: with the inverse-gamma scale prior :math:`s \sim
 \mathrm{InvGamma}(a, b)` on :math:`K_y = K + \sigma^2 I` (the noise folded into the
-kernel, DESIGN §3),
+kernel, docs/processes.md),
 
 .. math::
     \log p(y) = \log\Gamma(a + \tfrac n2) - \log\Gamma(a) - \tfrac n2 \log(2\pi b)
@@ -157,7 +157,7 @@ class StudentTMarginalLogLikelihood(gpytorch.mlls.ExactMarginalLogLikelihood):
     def predictive(self, X: Tensor, *, include_noise: bool = True, joint: bool = False):
         """Student-t posterior predictive at ``X``: ``df = 2a + n``, the Gaussian posterior
         mean, scale :math:`\\sqrt{(b'/a')}` times the Gaussian posterior standard deviation
-        (DESIGN §3). Returns ``torch.distributions.StudentT`` (marginals) or, with
+        (docs/processes.md). Returns ``torch.distributions.StudentT`` (marginals) or, with
         ``joint``, a Pyro ``MultivariateStudentT`` over the rows of ``X``.
         ``include_noise=False`` gives the latent ``f``."""
         return student_t_predictive(self, X, include_noise=include_noise, joint=joint)

@@ -32,7 +32,7 @@ from .kalman import condition_on_neighbours, kalman_filter, rts_smoother
 from .moments import core_statistics, factor_messages
 from .ssm import _check_nu, discretise, matern_ssm
 
-__all__ = ["FunctionalTucker", "check_tensor_data"]
+__all__ = ["FunctionalTucker", "MomentNormal", "check_tensor_data"]
 
 _LETTERS = string.ascii_lowercase.replace("n", "").replace("z", "")
 
@@ -92,6 +92,22 @@ def check_tensor_data(coords, values=None, *, n_modes: int | None = None, dtype=
         bad = (~torch.isfinite(values)).nonzero()[:5, 0].tolist()
         raise ValueError(f"values must be finite (NaN/inf at entries {bad}...)")
     return coords, values
+
+
+class MomentNormal(torch.distributions.Normal):
+    """A ``Normal`` given by its mean and variance that also unpacks as ``(mean, var)``
+    (and indexes: ``[0]`` the mean, ``[1]`` the variance), the form
+    :meth:`FunctionalTucker.predict` returned before it returned a distribution."""
+
+    def __init__(self, mean: Tensor, var: Tensor):
+        super().__init__(mean, var.clamp_min(0).sqrt(), validate_args=False)
+        self._var = var
+
+    def __iter__(self):
+        return iter((self.loc, self._var))
+
+    def __getitem__(self, i):
+        return (self.loc, self._var)[i]
 
 
 class FunctionalTucker:
@@ -463,12 +479,14 @@ class FunctionalTucker:
     @torch.no_grad()
     def predict(
         self, coords, *, include_noise: bool = True, chunk: int = 1024
-    ) -> tuple[Tensor, Tensor]:
-        """Predictive mean and variance of entries at arbitrary continuous coordinates.
+    ) -> "MomentNormal":
+        """Predictive distribution of entries at arbitrary continuous coordinates.
 
         :param coords: (M, K) coordinates.
-        :returns: ``(mean, var)`` each (M,); ``var`` includes the noise variance
-            ``E[1/tau]`` unless ``include_noise=False``.
+        :returns: a :class:`MomentNormal` (a ``torch.distributions.Normal``, batch (M,))
+            with the predictive mean and variance; the variance includes the noise
+            variance ``E[1/tau]`` unless ``include_noise=False``. It also unpacks as
+            ``mean, var = m.predict(coords)``.
         """
         if not self.fitted:
             raise RuntimeError("call fit() before predict()")
@@ -489,4 +507,4 @@ class FunctionalTucker:
         var = (torch.cat(Ef2) - mean**2).clamp_min(0)
         if include_noise:
             var = var + self.noise_variance
-        return mean, var
+        return MomentNormal(mean, var)

@@ -15,7 +15,7 @@ def _random_pd(n, seed, dtype=torch.float64):
 
 
 def test_propagation_matches_explicit_inverse_formula():
-    # Expected values: the DESIGN.md §2 formulas with an explicit matrix inverse.
+    # Expected values: the docs/dkm.md formulas with an explicit matrix inverse.
     M, T = 6, 9
     Kfull = _random_pd(M + T, 0)
     K = GramBlocks(Kfull[:M, :M], Kfull[M:, :M], Kfull.diagonal()[M:])

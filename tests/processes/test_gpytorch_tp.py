@@ -1,6 +1,6 @@
 """GPyTorch route to Student-t processes: the MLL equals the closed-form Student-t marginal,
 reduces to GPyTorch's Gaussian MLL as df -> inf, trains, and its predictive matches the
-dense closed form of DESIGN §3."""
+dense closed form of docs/processes.md."""
 
 import math
 
@@ -117,7 +117,7 @@ def test_predictive_matches_dense_closed_form(include_noise):
     mll = StudentTMarginalLogLikelihood(lik, model, a=a, b=b)
     pred = student_t_predictive(mll, xs, include_noise=include_noise)
     joint = mll.predictive(xs, include_noise=include_noise, joint=True)
-    # DESIGN §3 by dense algebra
+    # docs/processes.md by dense algebra
     s2 = float(lik.noise.detach())
     Ky = _dense(model, lik, x) + s2 * torch.eye(30, dtype=torch.float64)
     Ks = _dense(model, lik, x, xs)

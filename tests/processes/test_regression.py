@@ -48,7 +48,7 @@ def test_log_marginal_is_the_multivariate_student_t_density():
 
 def test_predictive_is_the_conditional_of_the_joint_student_t():
     # log p(y, y*) - log p(y) = log p(y* | y) for the joint MVT(2a, 0, b/a [Ky ...]):
-    # checks df = 2a + n, the mean and the (b'/a') scale of DESIGN.md section 3.
+    # checks df = 2a + n, the mean and the (b'/a') scale of docs/processes.md.
     X, y, Xs, ys = data(n=15, m=4)
     a, b, noise = 1.3, 0.6, 0.05
     m = StudentTProcessRegression(X, y, concentration=a, rate=b, noise=noise)
