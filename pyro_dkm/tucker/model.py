@@ -477,6 +477,27 @@ class FunctionalTucker:
         return mean[:, inv].T, var[:, inv].T.clamp_min(0)
 
     @torch.no_grad()
+    def pyro_model(self, coords=None, likelihood=None):
+        """The fitted model in Pyro: ``(pyro_tucker, guide)``, a
+        :class:`~pyro_dkm.tucker.PyroFunctionalTucker` on the fitted unique coordinates
+        (plus those of ``coords``, ``(M, K)``, where it should predict) with this model's
+        priors and ``likelihood``, and a :class:`~pyro_dkm.tucker.pyro_model.
+        TuckerMeanFieldGuide` at the CEP posterior (:func:`guide_from_cep`): the ``model`` /
+        ``guide`` pair for SVI, other likelihoods or a bigger Pyro model."""
+        from .pyro_model import PyroFunctionalTucker, guide_from_cep
+
+        if not self.fitted:
+            raise RuntimeError("call fit() before pyro_model()")
+        grids = [u.clone() for u in self.unique_coords]
+        if coords is not None:
+            coords, _ = check_tensor_data(coords, n_modes=self.K, dtype=self.dtype)
+            grids = [torch.unique(torch.cat([g, coords[:, k]]), sorted=True)
+                     for k, g in enumerate(grids)]
+        pm = PyroFunctionalTucker(grids, self.ranks, self.nu, self.lengthscale, self.variance,
+                                  core=self.core_type, core_prior_scale=self.core_prior_scale,
+                                  noise_prior=(self.a0, self.b0), likelihood=likelihood)
+        return pm, guide_from_cep(pm, self)
+
     def predict(
         self, coords, *, include_noise: bool = True, chunk: int = 1024
     ) -> "MomentNormal":

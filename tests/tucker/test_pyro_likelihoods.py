@@ -80,3 +80,20 @@ def test_poisson_tucker_started_from_a_cep_fit_recovers_the_rate():
     const = float((y[tr].mean() - true).pow(2).mean().sqrt())
     assert rmse < 0.35 * const, (rmse, const)
     assert rmse < start + 0.02, (rmse, start)
+
+
+def test_fitted_cep_model_gives_its_pyro_model_and_guide():
+    # pyro_model(): the Pyro twin on the fitted grids (plus prediction coordinates) with a
+    # guide at the CEP posterior; its mean entries equal CEP's predictions (1e-8)
+    g = torch.Generator().manual_seed(3)
+    X = torch.rand(120, 2, generator=g, dtype=F64)
+    y = torch.sin(3 * X[:, 0]) * torch.cos(2 * X[:, 1]) + 0.05 * torch.randn(120, generator=g,
+                                                                              dtype=F64)
+    cep = FunctionalTucker([2, 2], nu=1.5, lengthscale=0.3, progress=False, seed=0)
+    cep.fit(X[:100], y[:100])
+    pm, guide = cep.pyro_model(coords=X[100:])
+    grids = pm.grids
+    index = torch.stack([torch.searchsorted(grids[k], X[100:, k].contiguous()) for k in range(2)],
+                        1)
+    torch.testing.assert_close(guide.mean_entries(pm, index), cep.predict(X[100:]).mean,
+                               rtol=1e-8, atol=1e-8)
