@@ -63,8 +63,11 @@ class OptimiserSteps:
     def __init__(self, optimiser: torch.optim.Optimizer, *, total: int, num_data: int,
                  desc: str, progress: bool = True, scheduler=None,
                  callback: Callable[[int, float], bool] | None = None,
-                 postfix_every: int = 10):
+                 postfix_every: int = 10, parallel=None):
         self.optimiser, self.scheduler, self.callback = optimiser, scheduler, callback
+        # a pyro_dkm.distributed.DataParallel: gradients summed over the ranks before the
+        # step, the recorded loss the global one
+        self.parallel = parallel
         self.num_data, self.postfix_every = num_data, postfix_every
         self.losses: list[float] = []
         self.bar = None
@@ -81,10 +84,14 @@ class OptimiserSteps:
     def __call__(self, loss: Tensor) -> bool:
         self.optimiser.zero_grad()
         loss.backward()
+        value = float(loss.detach())
+        if self.parallel is not None:
+            self.parallel.reduce_gradients()
+            value = self.parallel.reduce_loss(value)
         self.optimiser.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        value = float(loss.detach()) / self.num_data
+        value = value / self.num_data
         if not math.isfinite(value):
             last = f"{self.losses[-1]:.6g} per point" if self.losses else "none yet"
             raise FloatingPointError(f"the training loss became {value} at step "

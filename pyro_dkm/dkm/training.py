@@ -74,6 +74,8 @@ def fit(
     seed: int | None = None,
     callback: Callable | None = None,
     closed_form_loss: bool = True,
+    batch_seed: int | None = None,
+    distributed: bool | None = None,
 ) -> FitResult:
     """Train a :class:`~pyro_dkm.dkm.DeepKernelMachine` (or an
     :class:`~pyro_dkm.dkm.ExactDeepKernelMachine`) in place.
@@ -104,7 +106,13 @@ def fit(
             (``-model.objective(X_b, y_b, num_data=N)``, tested to 1e-9); compute that
             directly instead of tracing ``model``/``guide`` (same values and gradients,
             about a quarter less time per step). ``False`` always goes through Pyro.
+        batch_seed: draw the minibatches from a private generator with this seed (default:
+            torch's global generator); data-parallel fits default it to ``seed`` (or 0).
+        distributed: ``None`` (default): data-parallel when a ``torch.distributed`` process
+            group of more than one rank is initialised (:mod:`pyro_dkm.distributed`: each
+            rank its part of every global minibatch, gradients summed); ``False``: never.
     """
+    from ..distributed import DataParallel
     from .exact import ExactDeepKernelMachine
 
     if seed is not None:
@@ -161,29 +169,42 @@ def fit(
         y_checked = model._check_y(y, N)
 
     result = FitResult()
+    dp = DataParallel(model.parameters(), distributed)
+    if dp.enabled:
+        if exact:
+            raise ValueError("an ExactDeepKernelMachine has no minibatches to share: fit it "
+                             "in one process (distributed=False)")
+        if B < dp.size:
+            raise ValueError(f"batch_size ({B}) must be at least the number of ranks "
+                             f"({dp.size})")
+        if batch_seed is None:
+            batch_seed = 0 if seed is None else seed
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     best, best_state, bad = math.inf, None, 0
-    batches = shuffled_minibatches(N, B)
+    gen = None if batch_seed is None else torch.Generator().manual_seed(int(batch_seed))
+    batches = shuffled_minibatches(N, B, generator=gen)
     t0 = time.perf_counter()
     with OptimiserSteps(opt, total=total, num_data=N, desc=type(model).__name__,
-                        progress=progress, scheduler=_make_scheduler(opt, lr_schedule, total),
-                        callback=callback) as steps:
+                        progress=progress and dp.is_main,
+                        scheduler=_make_scheduler(opt, lr_schedule, total),
+                        callback=callback, parallel=dp if dp.enabled else None) as steps:
         try:
             while steps.step < total:
                 if exact:
                     loss = -model.objective()
                 elif closed_form:
-                    idx = next(batches)
-                    loss = -model._objective(X[idx], y_checked[idx], N)
+                    idx, w = dp.local(next(batches))  # this rank's part and its weight
+                    loss = -model._objective(X[idx], y_checked[idx], N) * w
                 else:
-                    idx = next(batches)
+                    idx, w = dp.local(next(batches))
                     loss = elbo.differentiable_loss(model.model, model.guide, X[idx], y[idx],
-                                                    num_data=N)
+                                                    num_data=N) * w
                 if steps(loss):
                     break
                 step = steps.step
                 if X_val is not None and (step % eval_every == 0 or step == total):
-                    metric = validation_metric(model, X_val, y_val)
+                    metric = dp.broadcast_value(
+                        validation_metric(model, X_val, y_val) if dp.is_main else 0.0)
                     result.val.append((step, metric))
                     if metric < best:
                         best, bad, result.best_step = metric, 0, step

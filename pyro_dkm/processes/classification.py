@@ -441,7 +441,8 @@ class ClassifierFitResult:
 def fit_classifier(model: SparseVariationalClassifier, X: Tensor, y: Tensor, *,
                    num_steps: int = 1000, batch_size: int | None = 256, lr: float = 0.01,
                    num_samples: int | None = None, elbo=None, seed: int | None = None,
-                   progress: bool = True, callback=None) -> ClassifierFitResult:
+                   progress: bool = True, callback=None,
+                   distributed: bool | None = None) -> ClassifierFitResult:
     """Train by stochastic variational inference: Adam on minibatch ELBOs.
 
     Args:
@@ -457,7 +458,13 @@ def fit_classifier(model: SparseVariationalClassifier, X: Tensor, y: Tensor, *,
         seed: seeds Pyro/torch and a private generator for minibatches and ``f`` draws (so
             two models trained with one seed see the same minibatches and noise).
         progress: tqdm bar on stderr; callback: ``callback(step, loss)``, True stops.
+        distributed: ``None``: data-parallel inside a ``torch.distributed`` process group of
+            more than one rank (:mod:`pyro_dkm.distributed`); ``False``: never. Each rank
+            draws its own ``f`` noise, so a K-rank fit matches one process in distribution,
+            not draw for draw.
     """
+    from ..distributed import DataParallel
+
     X = model.check_X(X)
     y = model.check_y(y, X.shape[0])
     if not isinstance(num_steps, int) or num_steps < 0:
@@ -470,19 +477,28 @@ def fit_classifier(model: SparseVariationalClassifier, X: Tensor, y: Tensor, *,
     if seed is not None:
         pyro.set_rng_seed(seed)
     gen = torch.Generator(device=X.device).manual_seed(0 if seed is None else seed)
+    dp = DataParallel(model.parameters(), distributed)
+    if dp.enabled and B < dp.size:
+        raise ValueError(f"batch_size ({B}) must be at least the number of ranks ({dp.size})")
+    # minibatches from their own generator: the same global batches on every rank
+    batch_gen = torch.Generator(device=X.device).manual_seed(0 if seed is None else seed)
+    noise_gen = gen if not dp.enabled else torch.Generator(device=X.device).manual_seed(
+        (0 if seed is None else seed) + 1 + dp.rank)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    batches = shuffled_minibatches(N, B, generator=gen, device=X.device)
+    batches = shuffled_minibatches(N, B, generator=batch_gen if dp.enabled else gen,
+                                   device=X.device)
     t0 = time.perf_counter()
     with OptimiserSteps(opt, total=num_steps, num_data=N, desc=type(model).__name__,
-                        progress=progress, callback=callback, postfix_every=20) as steps:
+                        progress=progress and dp.is_main, callback=callback, postfix_every=20,
+                        parallel=dp if dp.enabled else None) as steps:
         for _ in range(num_steps):
-            idx = next(batches)
+            idx, w = dp.local(next(batches))
             if elbo is None:
                 loss = -model.elbo(X[idx], y[idx], num_data=N, num_samples=num_samples,
-                                   generator=gen)
+                                   generator=noise_gen) * w
             else:
                 loss = elbo.differentiable_loss(model.model, model.guide, X[idx], y[idx],
-                                                num_data=N)
+                                                num_data=N) * w
             if steps(loss):
                 break
     return ClassifierFitResult(losses=steps.losses, seconds=time.perf_counter() - t0,
