@@ -22,20 +22,29 @@ Main entry points (all importable from here):
 See ``docs/architecture.md`` for the layers and their contracts.
 """
 
-from . import dkm, kernels, likelihoods, linalg, processes, tucker
-from ._settings import settings
-from ._training import FitResult
-from .dkm import DeepKernelMachine, ExactDeepKernelMachine, select_inducing_points
-from .fitting import fit
-from .kernels import Dense, Erf, Relu, serial
-from .linalg import NotPositiveDefiniteError
-from .processes import (
+import os as _os
+
+# KeOps (imported by GPyTorch / linear_operator when installed) prints a CUDA warning and
+# its code-generation lines unless told not to; keep it quiet unless the user has chosen
+# (set KEOPS_VERBOSE=1 / PYKEOPS_VERBOSE=1 to see them).
+for _name in ("KEOPS_VERBOSE", "PYKEOPS_VERBOSE"):
+    _os.environ.setdefault(_name, "0")
+del _name
+
+from . import dkm, kernels, likelihoods, linalg, processes, tucker  # noqa: E402
+from ._settings import settings  # noqa: E402
+from ._training import FitResult  # noqa: E402
+from .dkm import DeepKernelMachine, ExactDeepKernelMachine, select_inducing_points  # noqa: E402
+from .fitting import fit  # noqa: E402
+from .kernels import Dense, Erf, Relu, serial  # noqa: E402
+from .linalg import NotPositiveDefiniteError  # noqa: E402
+from .processes import (  # noqa: E402
     GaussianProcessRegression,
     RobustRegression,
     ScaleMixtureRegression,
     StudentTProcessRegression,
 )
-from .tucker import FunctionalTucker
+from .tucker import FunctionalTucker  # noqa: E402
 
 __version__ = "0.1.0"
 
