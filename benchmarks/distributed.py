@@ -89,9 +89,9 @@ def _largest_uci(data_dir: Path) -> str:
 def main(argv=None) -> None:
     p = make_parser(__doc__.splitlines()[0], splits=None)
     p.add_argument("--procs", default="1,2", help="comma-separated process counts")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch", type=int, default=1024, help="global minibatch size")
-    p.add_argument("--inducing", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch", type=int, default=4096, help="global minibatch size")
+    p.add_argument("--inducing", type=int, default=200)
     p.add_argument("--max-train", type=int, default=0, help="cap the training set (0: all)")
     p.add_argument("--points", type=int, default=8000, help="points of the sharded product")
     p.add_argument("--repeats", type=int, default=3)

@@ -85,9 +85,8 @@ class OptimiserSteps:
         self.optimiser.zero_grad()
         loss.backward()
         value = float(loss.detach())
-        if self.parallel is not None:
-            self.parallel.reduce_gradients()
-            value = self.parallel.reduce_loss(value)
+        if self.parallel is not None:  # gradients and loss summed over the ranks
+            value = self.parallel.reduce_gradients(value)
         self.optimiser.step()
         if self.scheduler is not None:
             self.scheduler.step()

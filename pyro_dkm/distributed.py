@@ -21,8 +21,11 @@ broadcast, so early stopping stops every rank at the same step.
 **What is replicated.** The data (each rank indexes the full ``X``, as a
 ``DistributedSampler`` does), the model, the optimiser state.
 
-**Sharded exact NNGP solves.** :class:`ShardedNNGPOperator` computes ``K @ v`` by row
-blocks: each rank its rows (torch tiles or KeOps), then an ``all_gather``; the
+**Sharded exact NNGP solves.** :class:`ShardedNNGPOperator` computes ``K @ v`` across
+the ranks: with the torch tiles of a symmetric ``K``, the upper tiles are dealt
+round-robin to the ranks and the partial sums all-reduced (so the one-process halving of
+the kernel evaluations is kept); otherwise (KeOps, small or cross products) by row
+blocks, each rank its rows, then an ``all_gather``; the
 preconditioned CG of :func:`~pyro_dkm.kernels.solvers.cg_solve` and
 :func:`sharded_exact_predict` run replicated on the gathered vectors.
 """
@@ -33,7 +36,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .kernels.keops import NNGPOperator, keops_matmul
+from .kernels.keops import (
+    MATMUL_TILE,
+    NNGPOperator,
+    _resolve_backend,
+    _tiled_matmul,
+    keops_matmul,
+)
 from .kernels.nngp import NNGPKernelFn
 
 __all__ = ["world", "is_distributed", "DataParallel", "ShardedNNGPOperator",
@@ -90,14 +99,26 @@ class DataParallel:
         part = idx[shard_rows(idx.shape[0], self.rank, self.size)]
         return part, part.shape[0] / idx.shape[0]
 
-    def reduce_gradients(self) -> None:
-        """Sum every parameter's gradient over the ranks (missing gradients count as 0)."""
+    def reduce_gradients(self, loss: float | None = None) -> float | None:
+        """Sum every parameter's gradient (missing gradients count as 0) and, if given, the
+        local loss value over the ranks, in one ``all_reduce`` of one flat buffer (as DDP
+        buckets them: one message instead of one per parameter). Returns the summed loss."""
         if not self.enabled:
-            return
+            return loss
+        grads = []
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            grads.append(p.grad.reshape(-1))
+        extra = [] if loss is None else [grads[0].new_tensor([float(loss)])]
+        flat = torch.cat([g.to(torch.float64) for g in grads] + extra)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        start = 0
+        for p in self.params:
+            k = p.grad.numel()
+            p.grad.copy_(flat[start:start + k].reshape(p.grad.shape))
+            start += k
+        return float(flat[-1]) if loss is not None else None
 
     def reduce_loss(self, value: float) -> float:
         """The sum over the ranks of a local loss value (the global minibatch loss)."""
@@ -126,6 +147,14 @@ def _gather_rows(part: Tensor, n: int, rank: int, size: int) -> Tensor:
     return torch.cat(parts)
 
 
+def _keops_backend(op: NNGPOperator, n: int) -> bool:
+    """Whether the operator's products would run through KeOps (as keops_matmul decides)."""
+    use, threshold = _resolve_backend(op.use_keops, op.threshold)
+    if use == "auto":
+        return op.x1.device.type == "cuda" and n >= threshold
+    return bool(use)
+
+
 def sharded_matmul(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None, v: Tensor, *,
                    get: str = "nngp", use_keops=None) -> Tensor:
     """``K(x1, x2) @ v`` by row blocks of ``x1`` across the ranks (each rank its rows by
@@ -151,9 +180,20 @@ class ShardedNNGPOperator(NNGPOperator):
         if size == 1:
             return super()._matmul(rhs)
         kfn = self.kernel_fn
-        sl = shard_rows(self.x1.shape[-2], rank, size)
         vec = rhs.dim() == 1
         v = rhs[:, None] if vec else rhs
+        n = self.x1.shape[-2]
+        if self.sym and not _keops_backend(self, n) and n > MATMUL_TILE:
+            # torch tiles of a symmetric K: the upper tiles dealt round-robin to the ranks
+            # (each tile's K_ij v_j and K_ij^T v_i), partial sums all-reduced; keeps the
+            # one-process product's halving of the kernel evaluations
+            with torch.no_grad():
+                part = _tiled_matmul(kfn, self.x1, self.x1, v, self.get, True, False,
+                                     shard=(rank, size))
+                dist.all_reduce(part, op=dist.ReduceOp.SUM)
+                out = part + self.noise * v
+            return out[:, 0] if vec else out
+        sl = shard_rows(n, rank, size)
         rows = self.x1[sl]
         with torch.no_grad():
             part = keops_matmul(kfn, rows, self.x2, v, get=self.get, use_keops=self.use_keops,

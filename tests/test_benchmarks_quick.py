@@ -81,3 +81,16 @@ def test_finite_width_quick(tmp_path):
     assert "Gram error" in stdout.splitlines()[-1]
     if plot:
         assert (tmp_path / "fw.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_data
+def test_distributed_quick(tmp_path):
+    # 1 and 2 gloo processes: rows for both workloads and process counts, the same DKM loss
+    stdout, data = _run("distributed.py", tmp_path=tmp_path)
+    models = {r["model"] for r in data["rows"]}
+    assert {m.split(",")[1].strip() for m in models} == {"1 proc", "2 proc"}
+    assert all(math.isfinite(r["mean"]) for r in data["rows"])
+    last = stdout.splitlines()[-1]
+    assert last.startswith("Strong scaling") and "DKM final loss equal" in last
+    drift = float(last.rsplit(" ", 1)[-1])
+    assert drift < 1e-10

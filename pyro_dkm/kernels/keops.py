@@ -256,14 +256,16 @@ def _tile_products(kfn, xi, xj, vi, vj, get, diagonal, both):
     return (K @ vj, K.mT @ vi) if both else (K @ vj,)
 
 
-def _tiled_matmul(kfn, x1, x2, v, get, sym, grad):
+def _tiled_matmul(kfn, x1, x2, v, get, sym, grad, shard=None):
     """``K(x1, x2) @ v`` (``v`` 2-D) one ``MATMUL_TILE``-square tile of K at a time. Square
     tiles keep both point sets' per-tile work (the input product, the per-point variances)
     small and give torch's threads enough entries per elementwise pass. For a symmetric K
     only tiles ``j >= i`` are computed: tile ``(i, j)`` adds ``K_ij v_j`` to rows ``i`` and
     ``K_ij^T v_i`` to rows ``j``, half the kernel evaluations. Without autograd the results
     accumulate in place in one preallocated output; with it each tile is a
-    ``torch.utils.checkpoint`` (recomputed in the backward pass, so memory stays O(tile^2))."""
+    ``torch.utils.checkpoint`` (recomputed in the backward pass, so memory stays O(tile^2)).
+    ``shard=(rank, size)``: only every ``size``-th tile (in loop order, from ``rank``): one
+    rank's partial sums of a sharded product (:mod:`pyro_dkm.distributed` adds them up)."""
     n1, n2 = x1.shape[-2], x2.shape[-2]
     t = MATMUL_TILE if x1.device.type == "cpu" else MATMUL_TILE_GPU
     if grad:
@@ -280,9 +282,13 @@ def _tiled_matmul(kfn, x1, x2, v, get, sym, grad):
         else:
             acc[i0 // t] = part if acc[i0 // t] is None else acc[i0 // t] + part
 
+    count = -1
     for i0 in range(0, n1, t):
         xi, vi = x1[..., i0:i0 + t, :], v[i0:i0 + t]
         for j0 in range(i0 if sym else 0, n2, t):
+            count += 1
+            if shard is not None and count % shard[1] != shard[0]:
+                continue
             args = (kfn, xi, x2[..., j0:j0 + t, :], vi, v[j0:j0 + t], get,
                     sym and j0 == i0, sym and j0 != i0)
             parts = checkpoint(_tile_products, *args, use_reentrant=False) if grad else \
@@ -290,6 +296,8 @@ def _tiled_matmul(kfn, x1, x2, v, get, sym, grad):
             add(i0, parts[0])
             if len(parts) > 1:
                 add(j0, parts[1])
+    if out is None and not grad:  # a rank with no tile of its own
+        out = v.new_zeros(v.shape[:-2] + (n1, v.shape[-1]))
     return torch.cat(acc, -2) if grad else out
 
 

@@ -35,6 +35,12 @@ def kernel_problem(n=300):
     return kfn, X, y
 
 
+def big_problem(n=2100):
+    g = torch.Generator().manual_seed(5)
+    return (torch.randn(n, 4, generator=g, dtype=F64),
+            torch.randn(n, 3, generator=g, dtype=F64))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -51,6 +57,9 @@ def main():
     v = torch.randn(300, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
     out["product"] = ShardedNNGPOperator(kfn, X, noise=0.1, use_keops=False)._matmul(v)
     out["cross"] = sharded_matmul(kfn, X[:50], X, v, use_keops=False)
+    # above one tile (1024 points): the upper tiles dealt to the ranks, sums all-reduced
+    Xb, vb = big_problem()
+    out["product_tiles"] = ShardedNNGPOperator(kfn, Xb, noise=0.1, use_keops=False)._matmul(vb)
     op = ShardedNNGPOperator(kfn, X, noise=0.1, use_keops=False)
     out["solve"] = cg_solve(op, y, tol=1e-12, max_iter=500, precond_rank=20)
     out["mean"], out["quad"] = sharded_exact_predict(kfn, X, y, X[:40], noise=0.1,

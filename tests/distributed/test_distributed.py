@@ -51,7 +51,9 @@ def test_sharded_product_and_cg_solve_equal_the_single_process_ones(ranks):
     kfn, X, y = _worker.kernel_problem()
     v = torch.randn(300, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     op = NNGPOperator(kfn, X, noise=0.1, use_keops=False)
+    Xb, vb = _worker.big_problem()
     want = {
+        "product_tiles": NNGPOperator(kfn, Xb, noise=0.1, use_keops=False)._matmul(vb),
         "product": op._matmul(v),
         "cross": keops_matmul(kfn, X[:50], X, v, use_keops=False),
         "solve": cg_solve(op, y, tol=1e-12, max_iter=500, precond_rank=20),
