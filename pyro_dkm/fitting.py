@@ -16,6 +16,7 @@ model                                   how it is fitted
 ``RobustRegression``                    variational EM (``steps`` = EM sweeps)
 ``SVGPClassifier``/``SVTPClassifier``   SVI on minibatch ELBOs
 ``FunctionalTucker``                    conditional EP sweeps (its own settings)
+``PyroFunctionalTucker``                SVI with a mean-field guide, minibatches
 baselines (``SVGPRegressor``, ...)      their Adam loops (``steps`` = epochs)
 ======================================  ================================================
 
@@ -132,6 +133,14 @@ def fit(model, X: Tensor | None = None, y: Tensor | None = None, *,
         return FitResult(losses=r.losses, steps=r.steps, seconds=r.seconds, details=r)
 
     from .tucker.model import FunctionalTucker
+    from .tucker.pyro_model import PyroFunctionalTucker
+
+    if isinstance(model, PyroFunctionalTucker):
+        _refuse("PyroFunctionalTucker", given, ("steps", "lr", "batch_size", "progress",
+                                                "callback"))
+        return _fit_pyro_tucker(model, X, y, steps=steps or 1000, lr=lr or 0.01,
+                                batch_size=batch_size, progress=progress, callback=callback,
+                                seed=seed, **options)
 
     if isinstance(model, FunctionalTucker):
         _refuse("FunctionalTucker", given, ())
@@ -151,3 +160,47 @@ def fit(model, X: Tensor | None = None, y: Tensor | None = None, *,
         return FitResult(steps=steps or 0, seconds=float(seconds))
 
     raise TypeError(f"pyro_dkm.fit does not know how to fit a {type(model).__name__}")
+
+
+def _fit_pyro_tucker(model, index, values, *, steps, lr, batch_size, progress, callback,
+                     seed, guide=None, elbo=None, distributed=None) -> FitResult:
+    """SVI for the Pyro FunBaT: Adam on minibatch ELBOs (``index`` (N, K) into the grids,
+    ``values`` (N,)), data-parallel inside a process group (:mod:`pyro_dkm.distributed`).
+    ``guide``: default a :class:`~pyro_dkm.tucker.pyro_model.TuckerMeanFieldGuide`
+    (returned in ``details``); ``elbo``: default ``Trace_ELBO()``."""
+    import pyro
+    import torch
+
+    from ._training import OptimiserSteps, shuffled_minibatches
+    from .distributed import DataParallel
+    from .tucker.pyro_model import TuckerMeanFieldGuide
+
+    if index is None or values is None:
+        raise ValueError("fitting a PyroFunctionalTucker needs index (N, K) and values (N,)")
+    N = index.shape[0]
+    B = N if batch_size is None else min(int(batch_size), N)
+    guide = guide if guide is not None else TuckerMeanFieldGuide(model)
+    elbo = elbo if elbo is not None else pyro.infer.Trace_ELBO()
+    guide(index[:1], values[:1], None, N)  # create the guide's parameters before the optimiser
+    params = list(model.parameters()) + list(guide.parameters())
+    dp = DataParallel(params, distributed)
+    if dp.enabled and B < dp.size:
+        raise ValueError(f"batch_size ({B}) must be at least the number of ranks ({dp.size})")
+    opt = torch.optim.Adam(params, lr=lr)
+    batches = shuffled_minibatches(N, B, generator=torch.Generator().manual_seed(
+        0 if seed is None else seed))
+    t0 = time.perf_counter()
+    with OptimiserSteps(opt, total=steps, num_data=N, desc="PyroFunctionalTucker",
+                        progress=(True if progress is None else progress) and dp.is_main,
+                        callback=callback, parallel=dp if dp.enabled else None) as track:
+        try:
+            for _ in range(steps):
+                idx, w = dp.local(next(batches))
+                loss = elbo.differentiable_loss(model.model, guide, index[idx], values[idx],
+                                                None, N) * w
+                if track(loss):
+                    break
+        except KeyboardInterrupt:
+            pass
+    return FitResult(losses=track.losses, steps=track.step, seconds=time.perf_counter() - t0,
+                     details=guide)

@@ -251,8 +251,11 @@ class PyroFunctionalTucker(PyroModule):
         e.g. ``dist.StudentT`` or ``dist.Poisson(f.exp())`` entries)."""
         return dist.Normal(f, params.rsqrt())
 
-    def model(self, index: Tensor, values: Tensor | None = None, subsample_size: int | None = None):
-        """The generative model. ``index`` (N, K) long into ``grids``; ``values`` (N,)."""
+    def model(self, index: Tensor, values: Tensor | None = None, subsample_size: int | None = None,
+              num_data: int | None = None):
+        """The generative model. ``index`` (N, K) long into ``grids``; ``values`` (N,).
+        ``subsample_size``: a random minibatch of the entries inside the plate;
+        ``num_data``: ``index``/``values`` already are a minibatch of that many entries."""
         if index.ndim != 2 or index.shape[1] != self.K:
             raise ValueError(f"index must have shape (N, {self.K}), got {tuple(index.shape)}")
         us = self.prior_factors()
@@ -261,7 +264,13 @@ class PyroFunctionalTucker(PyroModule):
         core = pyro.sample("core", dist.Normal(torch.zeros(P, dtype=torch.float64), s).to_event(1))
         params = self.likelihood_params()
         N = index.shape[0]
-        with pyro.plate("data", N, subsample_size=subsample_size) as ind:
+        if num_data is None:
+            plate = pyro.plate("data", N, subsample_size=subsample_size)
+        else:
+            if num_data < N:
+                raise ValueError(f"num_data ({num_data}) must be >= the batch size ({N})")
+            plate = pyro.plate("data", int(num_data), subsample=torch.arange(N))
+        with plate as ind:
             f = self.entries(us, core, index[ind])
             obs = None if values is None else values[ind]
             if self.lik is not None:  # f is a sample here: its variance is 0
@@ -270,8 +279,8 @@ class PyroFunctionalTucker(PyroModule):
                 pyro.sample("obs", self.likelihood(f, params), obs=obs)
         return f
 
-    def forward(self, index, values=None, subsample_size=None):
-        return self.model(index, values, subsample_size)
+    def forward(self, index, values=None, subsample_size=None, num_data=None):
+        return self.model(index, values, subsample_size, num_data)
 
 
 class TuckerMeanFieldGuide(PyroModule):
@@ -363,9 +372,9 @@ class TuckerMeanFieldGuide(PyroModule):
                 and not site["infer"].get("_do_not_trace") and name not in self._known
                 and not name.startswith("_")]
 
-    def forward(self, index=None, values=None, subsample_size=None):
+    def forward(self, index=None, values=None, subsample_size=None, num_data=None):
         if self.extra is None and index is not None:
-            extra = self._extra_sites(index, values, subsample_size)
+            extra = self._extra_sites(index, values, subsample_size, num_data)
             if extra:
                 from pyro.infer.autoguide import AutoNormal
 
@@ -380,7 +389,7 @@ class TuckerMeanFieldGuide(PyroModule):
         if self.has_tau:
             pyro.sample("tau", dist.Gamma(self.tau_concentration, self.tau_rate))
         if self.extra:
-            self.extra(index, values, subsample_size)
+            self.extra(index, values, subsample_size, num_data)
 
 
 def guide_from_cep(tucker: "PyroFunctionalTucker", cep) -> TuckerMeanFieldGuide:

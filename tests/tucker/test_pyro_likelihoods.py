@@ -97,3 +97,22 @@ def test_fitted_cep_model_gives_its_pyro_model_and_guide():
                         1)
     torch.testing.assert_close(guide.mean_entries(pm, index), cep.predict(X[100:]).mean,
                                rtol=1e-8, atol=1e-8)
+
+
+def test_pyro_tucker_trains_through_the_one_fit_with_minibatches():
+    # pyro_dkm.fit on a PyroFunctionalTucker: minibatch SVI with the mean-field guide;
+    # the fitted mean entries explain most of the variance of a rank-2 smooth tensor
+    from pyro_dkm import fit
+
+    grid, idx, x, log_rate, _ = _counts(T=12, n=300)
+    values = log_rate - log_rate.mean()
+    model = PyroFunctionalTucker([grid, grid], [2, 2], nu=1.5, lengthscale=0.3, core="cp")
+    res = fit(model, idx, values, steps=400, lr=0.02, batch_size=100, progress=False)
+    assert res.steps == 400 and isinstance(res.details, TuckerMeanFieldGuide)
+    with torch.no_grad():
+        resid = res.details.mean_entries(model, idx) - values
+    assert float(resid.pow(2).mean()) < 0.2 * float(values.var()), float(resid.pow(2).mean())
+    # num_data: a minibatch of 100 entries is scaled as the whole 300
+    tr = pyro.poutine.trace(model.model).get_trace(idx[:100], values[:100], None, 300)
+    tr.compute_log_prob()
+    assert tr.nodes["obs"]["scale"] == 3.0
