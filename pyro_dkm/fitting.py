@@ -95,7 +95,7 @@ def fit(model, X: Tensor | None = None, y: Tensor | None = None, *,
         if "steps" in kw:
             kw["num_steps"] = kw.pop("steps")
         if isinstance(model, ExactDeepKernelMachine):
-            return dkm_fit(model, model.X_train, model.y_train, **kw, **options)
+            return dkm_fit(model, X, y, **kw, **options)  # X, y: None or its own data
         return dkm_fit(model, X, y, **kw, **options)
 
     from .processes.robust import RobustRegression

@@ -139,6 +139,15 @@ class NNGPKernel(gpytorch.kernels.Kernel):
         return fully_connected(self.depth, self.activation, self.weight_var, self.bias_var,
                                per_layer=True)
 
+    def __call__(self, x1, x2=None, diag: bool = False, last_dim_is_batch: bool = False,
+                 **params):
+        for name, x in (("x1", x1), ("x2", x2)):
+            if x is not None and not isinstance(x, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__} "
+                                f"(convert with torch.as_tensor(x, dtype=torch.float64))")
+        return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch,
+                                **params)
+
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, **params) -> Tensor:
         if params.get("last_dim_is_batch", False):
             raise ValueError("NNGPKernel does not support last_dim_is_batch=True")

@@ -17,6 +17,7 @@ __all__ = [
     "check_positive",
     "cholesky",
     "solve_tril",
+    "tril_solve",
     "cholesky_solve",
     "logdet_from_tril",
     "trace_inv_quad",
@@ -121,6 +122,21 @@ def _check_square(A: Tensor, name: str) -> None:
                          f"{tuple(A.shape)}")
 
 
+def _check_symmetric(A: Tensor, name: str) -> None:
+    """``ValueError`` unless ``A`` is symmetric to rounding (relative ``1e-6`` of its largest
+    entry): a Cholesky factorisation reads the lower triangle only, so a non-symmetric
+    matrix would silently be replaced by the symmetric one of its lower triangle."""
+    if A.shape[-1] < 2:
+        return
+    with torch.no_grad():
+        asym = float((A - A.mT).abs().amax())
+        scale = float(A.abs().amax())
+    if asym > 1e-6 * scale:
+        raise ValueError(f"{name} must be symmetric, got max |A - A^T| = {asym:.3g} "
+                         f"({asym / scale:.1e} of its largest entry); symmetrise it, e.g. "
+                         f"(A + A.mT) / 2, if that is what you mean")
+
+
 def symmetrize(A: Tensor) -> Tensor:
     """(A + A^T) / 2 over the last two dimensions."""
     return 0.5 * (A + A.transpose(-1, -2))
@@ -167,6 +183,7 @@ def cholesky(
     if check:
         check_tensor(A, name, min_ndim=2)
         _check_square(A, name)
+        _check_symmetric(A, name)
     n = A.shape[-1]
     if n == 0:
         return A.clone()
@@ -205,11 +222,35 @@ def cholesky(
     raise NotPositiveDefiniteError(name, n, abs_jitters, int(failed.sum()))
 
 
-def solve_tril(L: Tensor, B: Tensor, *, transpose: bool = False) -> Tensor:
-    """Solve ``L X = B`` (or ``L^T X = B`` with ``transpose``) for lower-triangular ``L``."""
+def tril_solve(L: Tensor, B: Tensor, *, transpose: bool = False) -> Tensor:
+    """:func:`solve_tril` without its checks: the package's inner loops, on factors it
+    made itself (``cholesky``)."""
     if transpose:
         return torch.linalg.solve_triangular(L.mT, B, upper=True)
     return torch.linalg.solve_triangular(L, B, upper=False)
+
+
+def solve_tril(L: Tensor, B: Tensor, *, transpose: bool = False) -> Tensor:
+    """Solve ``L X = B`` (or ``L^T X = B`` with ``transpose``) for lower-triangular ``L``
+    ``(..., n, n)`` and ``B`` ``(..., n, k)``. Raises ``ValueError`` for wrong shapes, a
+    matrix with entries above the diagonal (it is not lower triangular: the solve would
+    silently use its lower triangle) or a zero on the diagonal (singular)."""
+    check_tensor(L, "L", min_ndim=2)
+    check_tensor(B, "B", min_ndim=2)
+    _check_square(L, "L")
+    n = L.shape[-1]
+    if B.shape[-2] != n:
+        raise ValueError(f"B must have {n} rows (like L, {tuple(L.shape)}), got shape "
+                         f"{tuple(B.shape)}; a vector b goes in as b[:, None]")
+    if L.dtype != B.dtype:
+        raise TypeError(f"L and B must have the same dtype, got {L.dtype} and {B.dtype}")
+    upper = torch.triu(L, 1).abs()
+    if n > 1 and bool((upper > 0).any()):
+        raise ValueError(f"L must be lower triangular; it has entries above the diagonal "
+                         f"(max |L_ij|, j > i: {float(upper.max()):.3g})")
+    if bool((L.diagonal(dim1=-2, dim2=-1) == 0).any()):
+        raise ValueError("L has a zero on its diagonal: the triangular system is singular")
+    return tril_solve(L, B, transpose=transpose)
 
 
 def cholesky_solve(L: Tensor, B: Tensor) -> Tensor:
@@ -224,7 +265,7 @@ def logdet_from_tril(L: Tensor) -> Tensor:
 
 def trace_inv_quad(L_K: Tensor, B: Tensor) -> Tensor:
     """``tr(K^-1 B B^T) = ||L_K^-1 B||_F^2`` for ``K = L_K L_K^T``."""
-    return solve_tril(L_K, B).pow(2).sum((-1, -2))
+    return tril_solve(L_K, B).pow(2).sum((-1, -2))
 
 
 def kl_zero_mean_gaussians(
@@ -294,8 +335,8 @@ def kl_zero_mean_gaussians_taylor(
     P = G_tril.shape[-1]
     batch = torch.broadcast_shapes(G_tril.shape[:-2], K.shape[:-2])
     L = G_tril.expand(batch + G_tril.shape[-2:])
-    A = solve_tril(L, K.expand(batch + K.shape[-2:]))  # L^-1 K
-    M = solve_tril(L, A.mT)  # L^-1 K L^-T  (symmetric)
+    A = tril_solve(L, K.expand(batch + K.shape[-2:]))  # L^-1 K
+    M = tril_solve(L, A.mT)  # L^-1 K L^-T  (symmetric)
     eye = torch.eye(P, dtype=M.dtype, device=M.device)
     return 0.25 * (M - eye).pow(2).sum((-1, -2))
 
@@ -307,8 +348,14 @@ def gaussian_log_marginal(L: Tensor, y: Tensor) -> Tensor:
         L: ``(..., n, n)``.
         y: ``(..., n)``.
     """
+    check_tensor(L, "L", min_ndim=2)
+    check_tensor(y, "y", min_ndim=1)
+    _check_square(L, "L")
     n = y.shape[-1]
-    alpha = solve_tril(L, y.unsqueeze(-1)).squeeze(-1)
+    if L.shape[-1] != n:
+        raise ValueError(f"y must have {L.shape[-1]} entries (the size of L, "
+                         f"{tuple(L.shape)}), got shape {tuple(y.shape)}")
+    alpha = tril_solve(L, y.unsqueeze(-1)).squeeze(-1)
     return -0.5 * alpha.pow(2).sum(-1) - 0.5 * logdet_from_tril(L) - 0.5 * n * math.log(2 * math.pi)
 
 

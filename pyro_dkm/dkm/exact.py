@@ -24,7 +24,7 @@ from torch.distributions import constraints
 
 from .._pyro import sync_param_store
 from ..kernels.gram import GramKernel
-from ..linalg import check_tensor, cholesky, cholesky_solve, gaussian_log_marginal, solve_tril
+from ..linalg import check_tensor, cholesky, cholesky_solve, gaussian_log_marginal, tril_solve
 from .layers import GramLayer, InputGram, KernelLayer, propagate_gram
 from .model import _per_layer
 
@@ -141,6 +141,9 @@ class ExactDeepKernelMachine(PyroModule):
         if X.shape[1] != self.X_train.shape[1]:
             raise ValueError(f"X must have {self.X_train.shape[1]} columns, got shape "
                              f"{tuple(X.shape)}")
+        if X.shape[0] == 0:
+            raise ValueError("X must have at least one row to predict at, got shape "
+                             f"{tuple(X.shape)}")
         X = X.to(self.dtype)
         Gs, K_top, _ = self.grams()
         L = self._marginal_tril(K_top)
@@ -154,7 +157,7 @@ class ExactDeepKernelMachine(PyroModule):
                 G = propagate_gram(K, gl.factor(K_tril), K_tril)
             K = self.kernel_layers[-1](G)
             means.append(K.ti @ alpha)
-            v = K.t_diag - solve_tril(L, K.ti.mT).pow(2).sum(-2)
+            v = K.t_diag - tril_solve(L, K.ti.mT).pow(2).sum(-2)
             v = v.clamp_min(0) + (self.noise if include_noise else 0.0)
             variances.append(v[:, None].expand(-1, self.out_channels))
         mean, var = torch.cat(means), torch.cat(variances)

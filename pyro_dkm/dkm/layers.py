@@ -38,7 +38,7 @@ from ..linalg import (
     kl_zero_mean_gaussians,
     kl_zero_mean_gaussians_taylor,
     nystrom_residual,
-    solve_tril,
+    tril_solve,
 )
 from .gram_blocks import GramBlocks
 
@@ -157,8 +157,8 @@ def propagate_gram(K: GramBlocks, G_tril: Tensor, K_tril: Tensor | None = None) 
     """
     if K_tril is None:
         K_tril = cholesky(K.ii, name="K_ii (kernel at the inducing points)")
-    A = solve_tril(K_tril, K.ti.mT)  # (M, T)
-    B = solve_tril(K_tril, G_tril)  # (M, M)
+    A = tril_solve(K_tril, K.ti.mT)  # (M, T)
+    B = tril_solve(K_tril, G_tril)  # (M, M)
     BtA = B.mT @ A  # (M, T)
     G_ii = G_tril @ G_tril.mT
     G_ti = BtA.mT @ G_tril.mT  # (T, M) = K_ti K_ii^-1 G_ii
@@ -249,7 +249,7 @@ class GramLayer(PyroModule):
         if self.whitened:
             if K_tril is None:
                 raise ValueError("set_gram of a whitened GramLayer needs K_tril")
-            G_tril = solve_tril(K_tril, G_tril)
+            G_tril = tril_solve(K_tril, G_tril)
         self.gram_tril_offdiag.copy_(torch.tril(G_tril, -1))
         self.gram_log_diag.copy_(G_tril.diagonal().log())
 

@@ -34,7 +34,7 @@ from torch.distributions import transform_to
 from .._pyro import sync_param_store
 from ..kernels.gram import GramKernel
 from ..likelihoods import Categorical, Gaussian, as_likelihood
-from ..linalg import check_tensor, cholesky, cholesky_solve, solve_tril
+from ..linalg import check_tensor, cholesky, cholesky_solve, tril_solve
 from .gram_blocks import GramBlocks
 from .inducing import select_inducing_points
 from .layers import GramLayer, InputGram, KernelLayer
@@ -427,13 +427,13 @@ class DeepKernelMachine(PyroModule):
         Ay = X.new_zeros(M, y.shape[1])
         for start in range(0, X.shape[0], batch_size):  # O(batch_size * M) memory
             K, K_tril, _ = self.forward_blocks(X[start:start + batch_size])
-            A = solve_tril(K_tril, K.ti.mT)  # (M, b)
+            A = tril_solve(K_tril, K.ti.mT)  # (M, b)
             AAt += A @ A.mT
             Ay += A @ y[start:start + batch_size]
         B = torch.eye(M, dtype=A.dtype, device=A.device) + AAt / s2
         L_B = cholesky(B, name="I + A A^T / noise")
         m = K_tril @ cholesky_solve(L_B, Ay) / s2  # (M, C)
-        T = solve_tril(L_B, K_tril.mT)  # L_B^-1 L_K^T
+        T = tril_solve(L_B, K_tril.mT)  # L_B^-1 L_K^T
         S_tril = cholesky(T.mT @ T, name="S")
         _set_param(self.output, "u_loc", m.mT)
         if not self.output.shared_covariance:

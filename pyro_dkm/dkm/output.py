@@ -17,7 +17,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import Tensor
 from torch.distributions import constraints
 
-from ..linalg import nystrom_residual, solve_tril, sparse_gp_marginals
+from ..linalg import nystrom_residual, sparse_gp_marginals, tril_solve
 from .gram_blocks import GramBlocks
 
 __all__ = ["SparseGPOutput", "conditional_weights"]
@@ -26,8 +26,8 @@ __all__ = ["SparseGPOutput", "conditional_weights"]
 def conditional_weights(K: GramBlocks, K_tril: Tensor) -> tuple[Tensor, Tensor]:
     """``W = K_ii^-1 K_it`` ``(M, T)`` and the clamped Nystrom residual
     ``k_tt - diag(K_ti K_ii^-1 K_it)`` ``(T,)``."""
-    A = solve_tril(K_tril, K.ti.mT)  # (M, T)
-    W = solve_tril(K_tril, A, transpose=True)  # (M, T)
+    A = tril_solve(K_tril, K.ti.mT)  # (M, T)
+    W = tril_solve(K_tril, A, transpose=True)  # (M, T)
     return W, nystrom_residual(K.t_diag, A)
 
 
@@ -69,8 +69,8 @@ class SparseGPOutput(PyroModule):
         ``torch.distributions.kl_divergence`` gives, without building distributions)."""
         M, C = self.num_inducing, self.out_channels
         S_tril = self.u_scale_tril  # (M, M) or (C, M, M)
-        trace = solve_tril(K_tril, S_tril).pow(2).sum((-1, -2))  # () or (C,)
-        maha = solve_tril(K_tril, self.u_loc.mT).pow(2).sum()  # sum over channels
+        trace = tril_solve(K_tril, S_tril).pow(2).sum((-1, -2))  # () or (C,)
+        maha = tril_solve(K_tril, self.u_loc.mT).pow(2).sum()  # sum over channels
         logdet_K = 2 * K_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         logdet_S = 2 * S_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         per_channel = trace - M + logdet_K - logdet_S  # () shared or (C,)

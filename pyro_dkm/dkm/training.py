@@ -119,6 +119,19 @@ def fit(
         pyro.set_rng_seed(seed)
     exact = isinstance(model, ExactDeepKernelMachine)
     if exact:
+        for arg, given, own in (("X", X, model.X_train), ("y", y, model.y_train)):
+            if given is None:
+                continue
+            g = given if not (arg == "y" and given.dim() == 1) else given[:, None]
+            if not isinstance(g, Tensor) or g.shape != own.shape or not torch.equal(
+                    g.to(own.dtype), own):
+                shape = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+                raise ValueError(
+                    f"an ExactDeepKernelMachine trains on the data it was built with: {arg} "
+                    f"must be its training {arg} (shape {tuple(own.shape)}) or None, got a "
+                    f"different one ({shape}); build a new model for new data")
+        X = model.X_train if X is None else X
+        y = model.y_train if y is None else y
         if batch_size is not None:
             raise ValueError("an ExactDeepKernelMachine trains on the full data: batch_size must "
                              "be None")

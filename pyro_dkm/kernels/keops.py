@@ -370,6 +370,9 @@ def keops_matmul(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None, v: Tensor, *,
     if v.shape[0] != x2.shape[-2]:
         raise ValueError(f"v must have {x2.shape[-2]} rows (one per row of x2), got shape "
                          f"{tuple(v.shape)}")
+    if v.dtype != x1.dtype or x2.dtype != x1.dtype:
+        raise TypeError(f"x1, x2 and v must have one dtype, got {x1.dtype}, {x2.dtype} and "
+                        f"{v.dtype}; convert v with v.to(x1.dtype)")
     vec = v.dim() == 1
     use_keops, threshold = _resolve_backend(use_keops, threshold)
     if use_keops == "auto":

@@ -56,8 +56,8 @@ from ..linalg import (
     check_tensor,
     cholesky,
     nystrom_residual,
-    solve_tril,
     sparse_gp_marginals,
+    tril_solve,
 )
 from .regression import NNGPCovariance
 
@@ -296,7 +296,7 @@ class SparseVariationalClassifier(PyroModule):
         """``A = L^-1 K_ZX`` ``(M, T)`` and the Nystrom residual ``k_xx - |a_x|^2`` ``(T,)``."""
         Z = self.inducing_points
         L = cholesky(_kernel(self.kernel, Z), name="K_ZZ (kernel at the inducing points)")
-        A = solve_tril(L, _kernel(self.kernel, Z, X))
+        A = tril_solve(L, _kernel(self.kernel, Z, X))
         return A, nystrom_residual(_kernel(self.kernel, X, diag=True), A)
 
     def latent_marginals(self, X: Tensor) -> tuple[Tensor, Tensor]:

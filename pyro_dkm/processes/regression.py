@@ -32,7 +32,7 @@ from torch.distributions import Normal, StudentT, constraints
 
 from .._pyro import sync_param_store
 from ..kernels.nngp import ACTIVATIONS, fully_connected
-from ..linalg import check_positive, check_tensor, cholesky, solve_tril
+from ..linalg import check_positive, check_tensor, cholesky, tril_solve
 from .scale_mixture import (
     GaussianScaleLikelihood,
     ScalePosterior,
@@ -130,6 +130,9 @@ class _ExactRegression(PyroModule):
         if X_new.shape[1] != self.X.shape[1]:
             raise ValueError(f"X_new must have {self.X.shape[1]} features like X, got "
                              f"{X_new.shape[1]}")
+        if X_new.shape[0] == 0:
+            raise ValueError("X_new must have at least one row to predict at, got shape "
+                             f"{tuple(X_new.shape)}")
 
     def _Ky(self) -> Tensor:
         sync_param_store(self)
@@ -140,8 +143,8 @@ class _ExactRegression(PyroModule):
     def _cond(self, X_new: Tensor, L: Tensor, full_cov: bool, include_noise: bool):
         """Zero-mean Gaussian conditional given ``Ky = L L^T``: mean, (co)variance."""
         Ks = kernel_matrix(self.kernel, self.X, X_new).to(L.dtype)  # (n, m)
-        A = solve_tril(L, Ks)  # (n, m)
-        alpha = solve_tril(L, self.y.unsqueeze(-1))  # (n, 1)
+        A = tril_solve(L, Ks)  # (n, m)
+        alpha = tril_solve(L, self.y.unsqueeze(-1))  # (n, 1)
         mean = (A.mT @ alpha).squeeze(-1)
         noise = self.noise.to(L.dtype)
         if full_cov:
@@ -188,7 +191,7 @@ class GaussianProcessRegression(_ExactRegression):
 
     def log_marginal(self) -> Tensor:
         L = cholesky(self._Ky(), name="K + noise I")
-        alpha = solve_tril(L, self.y.unsqueeze(-1)).squeeze(-1)
+        alpha = tril_solve(L, self.y.unsqueeze(-1)).squeeze(-1)
         n = self.y.shape[0]
         return (-0.5 * alpha.pow(2).sum() - L.diagonal().log().sum()
                 - 0.5 * n * math.log(2 * math.pi))
@@ -247,7 +250,7 @@ class StudentTProcessRegression(_ExactRegression):
 
     def _stats(self):
         L = cholesky(self._Ky(), name="K + noise I")
-        alpha = solve_tril(L, self.y.unsqueeze(-1)).squeeze(-1)
+        alpha = tril_solve(L, self.y.unsqueeze(-1)).squeeze(-1)
         return L, alpha.pow(2).sum()
 
     def log_marginal(self) -> Tensor:

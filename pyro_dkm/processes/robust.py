@@ -56,7 +56,7 @@ from torch import Tensor
 from torch.distributions import constraints
 
 from .._pyro import sync_param_store
-from ..linalg import check_tensor, cholesky, solve_tril
+from ..linalg import check_tensor, cholesky, tril_solve
 from ._t_noise import StudentTNoisePredictive, _check_positive, log_integral
 from .classification import kl_inverse_gamma
 from .regression import NNGPCovariance, _ExactRegression, _pos
@@ -124,7 +124,7 @@ def robust_bound(K: Tensor, y: Tensor, u: Tensor, *, noise, df, amplitude=1.0,
     else:
         C = _t(amplitude, y) * K + torch.diag(noise * (1.0 + u))
     L = cholesky(C, name="C")
-    alpha = solve_tril(L, y.unsqueeze(-1)).squeeze(-1)
+    alpha = tril_solve(L, y.unsqueeze(-1)).squeeze(-1)
     out = (-0.5 * alpha.pow(2).sum() - L.diagonal().log().sum() - 0.5 * n * math.log(2 * math.pi)
            + student_t_noise_terms(u, df).sum())
     if scale_posterior is not None:

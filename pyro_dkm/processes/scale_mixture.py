@@ -28,7 +28,7 @@ from pyro.distributions import TorchDistribution
 from torch import Tensor
 from torch.distributions import Categorical, MixtureSameFamily, Normal, constraints
 
-from ..linalg import check_tensor, cholesky, solve_tril
+from ..linalg import check_tensor, cholesky, tril_solve
 from .burr import BurrXII
 from .student_t import _tril_from
 
@@ -276,10 +276,10 @@ class GaussianScaleLikelihood:
         eye = torch.eye(self.n, dtype=K.dtype, device=K.device)
         if self.noise_scaled:
             self.L = cholesky(K + noise * eye, name="K + noise I", check=False)
-            alpha_w = solve_tril(self.L, r.unsqueeze(-1)).squeeze(-1)
+            alpha_w = tril_solve(self.L, r.unsqueeze(-1)).squeeze(-1)
             self.q = alpha_w.pow(2).sum(-1)  # (...)
             self.logdet = 2.0 * self.L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-            self.alpha = solve_tril(self.L, alpha_w.unsqueeze(-1), transpose=True).squeeze(-1)
+            self.alpha = tril_solve(self.L, alpha_w.unsqueeze(-1), transpose=True).squeeze(-1)
         else:
             evals, self.U = torch.linalg.eigh(K)
             scale = evals.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(K.dtype).tiny)
@@ -312,7 +312,7 @@ class GaussianScaleLikelihood:
         """
         if self.noise_scaled:
             mean = (K_star.mT @ self.alpha.unsqueeze(-1)).squeeze(-1)  # (..., m)
-            v0 = k_star_diag - solve_tril(self.L, K_star).pow(2).sum(-2)
+            v0 = k_star_diag - tril_solve(self.L, K_star).pow(2).sum(-2)
             v0 = v0.clamp_min(0.0) + (self.noise if include_noise else 0.0)
             mean = mean.unsqueeze(-1).expand(mean.shape + s.shape[-1:])
             var = v0.unsqueeze(-1) * s.unsqueeze(-2)
@@ -430,7 +430,7 @@ class ScaleMixture(TorchDistribution):
         r = value - self.loc
         shape = torch.broadcast_shapes(r.shape, self.scale_tril.shape[:-1])
         L = self.scale_tril.expand(shape + (n,))
-        q = solve_tril(L, r.expand(shape).unsqueeze(-1)).squeeze(-1).pow(2).sum(-1)
+        q = tril_solve(L, r.expand(shape).unsqueeze(-1)).squeeze(-1).pow(2).sum(-1)
         half_logdet = self.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
 
         def log_lik(s):

@@ -21,7 +21,7 @@ from pyro.distributions import MultivariateStudentT
 from torch import Tensor
 from torch.distributions import constraints
 
-from ..linalg import check_positive, check_tensor, cholesky, solve_tril
+from ..linalg import check_positive, check_tensor, cholesky, tril_solve
 
 __all__ = [
     "StudentTProcess",
@@ -121,10 +121,14 @@ def _tril_from(covariance_matrix, scale_tril, kernel, inputs, *, name="covarianc
     K = covariance_matrix
     if K.shape[-1] != K.shape[-2]:
         raise ValueError(f"{name} must be square (..., n, n), got shape {tuple(K.shape)}")
-    asym = (K - K.mT).abs().amax() if K.numel() else K.new_zeros(())
+    if K.shape[-1] == 0:
+        raise ValueError(f"{name} is 0 x 0: the process needs at least one point (n >= 1)")
+    with torch.no_grad():  # a value check: no autograd (and no tensor-to-scalar warning)
+        asym = float((K - K.mT).abs().amax()) if K.numel() else 0.0
+        diag = float(K.diagonal(dim1=-2, dim2=-1).abs().amax()) if K.numel() else 0.0
     tol = 1e-8 if K.dtype == torch.float64 else 1e-4
-    if float(asym) > tol * max(float(K.diagonal(dim1=-2, dim2=-1).abs().amax()), 1e-300):
-        raise ValueError(f"{name} must be symmetric, max |K - K^T| = {float(asym):.3g}")
+    if asym > tol * max(diag, 1e-300):
+        raise ValueError(f"{name} must be symmetric, max |K - K^T| = {asym:.3g}")
     return cholesky(K, name=name, check=False)
 
 
@@ -157,7 +161,7 @@ def _conjugate_inputs(y, covariance_matrix, scale_tril, concentration, rate):
 
 def _quad_and_logdet(y: Tensor, L: Tensor, loc) -> tuple[Tensor, Tensor]:
     r = y if loc is None else y - loc
-    alpha = solve_tril(L, r.unsqueeze(-1)).squeeze(-1)
+    alpha = tril_solve(L, r.unsqueeze(-1)).squeeze(-1)
     return alpha.pow(2).sum(-1), 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
 
 
