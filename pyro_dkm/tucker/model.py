@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import string
+import warnings
 from typing import Sequence
 
 import torch
@@ -32,7 +33,7 @@ from .kalman import condition_on_neighbours, kalman_filter, rts_smoother
 from .moments import core_statistics, factor_messages
 from .ssm import _check_nu, discretise, matern_ssm
 
-__all__ = ["FunctionalTucker", "MomentNormal", "check_tensor_data"]
+__all__ = ["FunctionalTucker", "MomentNormal", "CollapsedFitWarning", "check_tensor_data"]
 
 _LETTERS = string.ascii_lowercase.replace("n", "").replace("z", "")
 
@@ -92,6 +93,10 @@ def check_tensor_data(coords, values=None, *, n_modes: int | None = None, dtype=
         bad = (~torch.isfinite(values)).nonzero()[:5, 0].tolist()
         raise ValueError(f"values must be finite (NaN/inf at entries {bad}...)")
     return coords, values
+
+
+class CollapsedFitWarning(UserWarning):
+    """A FunBaT fit ended at a constant (the all-zero fixed point) and was restarted."""
 
 
 class MomentNormal(torch.distributions.Normal):
@@ -317,10 +322,35 @@ class FunctionalTucker:
     def fit(self, coords, values):
         """Fit by conditional expectation propagation.
 
+        A fit that ends *collapsed* (its fitted entries constant while the values are not:
+        the all-zero fixed point of the multilinear model, which the ALS start can reach)
+        is detected, and refitted once from a random start (``init="random"``) with a
+        :class:`CollapsedFitWarning`; ``self.restarted`` records it.
+
         :param coords: (N, K) continuous coordinates (float; integer indexes work too).
         :param values: (N,) observed entries.
         :returns: ``self``.
         """
+        self.restarted = False
+        self._fit_once(coords, values)
+        if self.collapsed and self.init != "random":
+            warnings.warn(
+                f"FunctionalTucker: the fit from init={self.init!r} collapsed to a constant "
+                f"(training RMSE {self.history[-1]['train_rmse']:.4g} = the values' spread); "
+                f"refitting from init='random'", CollapsedFitWarning, stacklevel=2)
+            init, self.init = self.init, "random"
+            try:
+                self._fit_once(coords, values)
+            finally:
+                self.init = init
+            self.restarted = True
+        if self.collapsed:
+            warnings.warn("FunctionalTucker: the fit is constant (collapsed) even from a random "
+                          "start; try other ranks, lengthscales or seeds", CollapsedFitWarning,
+                          stacklevel=2)
+        return self
+
+    def _fit_once(self, coords, values):
         coords, y = check_tensor_data(coords, values, n_modes=self.K, dtype=self.dtype)
         N = y.shape[0]
         gen = torch.Generator().manual_seed(self.seed if self.seed is not None else torch.seed())
@@ -408,6 +438,9 @@ class FunctionalTucker:
         self._update_core_and_noise(y, yy, update_noise=False)
         self.n_iter = len(self.history)
         self.fitted = True
+        f = self._mean_at(self._idx)
+        spread = float(y.std()) if N > 1 else 0.0
+        self.collapsed = bool(spread > 0 and float(f.std()) <= 1e-6 * spread)
         return self
 
     def _mean_at(self, idx: list[Tensor]) -> Tensor:

@@ -207,3 +207,28 @@ def test_bad_arguments_raise():
         m.predict(np.zeros((3, 4)))
     with pytest.raises(ValueError, match="finite"):
         m.predict(np.full((3, 3), math.nan))
+
+
+def test_collapsed_als_start_is_detected_and_restarted():
+    # 200 entries with unique coordinates, ranks [2, 2, 2]: the ALS start (seed 1) ends at
+    # the all-zero fixed point (training RMSE = rms(values), constant predictions). fit()
+    # detects it, warns, and refits from a random start, which fits (RMSE 0.08).
+    import warnings
+
+    from pyro_dkm.tucker.model import CollapsedFitWarning
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.rand(200, 3, generator=g, dtype=torch.float64)
+    y = (torch.sin(3 * X[:, 0]) * torch.cos(2 * X[:, 1]) + X[:, 2]
+         + 0.1 * torch.randn(200, generator=g, dtype=torch.float64))
+    m = FunctionalTucker([2, 2, 2], nu=1.5, lengthscale=0.3, progress=False, seed=1)
+    with pytest.warns(CollapsedFitWarning, match="collapsed to a constant"):
+        m.fit(X, y)
+    assert m.restarted and not m.collapsed
+    rmse = float((m.predict(X).mean - y).pow(2).mean().sqrt())
+    assert rmse < 0.2 * float(y.pow(2).mean().sqrt()), rmse
+    with warnings.catch_warnings():  # a start that does not collapse: no warning, no restart
+        warnings.simplefilter("error", CollapsedFitWarning)
+        m0 = FunctionalTucker([2, 2, 2], nu=1.5, lengthscale=0.3, progress=False, seed=0)
+        m0.fit(X, y)
+    assert not m0.restarted
