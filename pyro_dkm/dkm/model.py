@@ -22,7 +22,7 @@ live in one parent ``PyroModule`` (their Pyro names follow the attribute path).
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pyro
 import torch
@@ -33,7 +33,7 @@ from torch.distributions import transform_to
 
 from .._pyro import sync_param_store
 from ..kernels.gram import GramKernel
-from ..likelihoods import Categorical, Gaussian, as_likelihood
+from ..likelihoods import Categorical, Gaussian, Likelihood, as_likelihood
 from ..linalg import check_tensor, cholesky, cholesky_solve, tril_solve
 from .gram_blocks import GramBlocks
 from .inducing import select_inducing_points
@@ -128,7 +128,7 @@ class DeepKernelMachine(PyroModule):
         nu: float | Sequence[float] = 1.0,
         kernel: str | GramKernel | Sequence = "relu",
         out_channels: int = 1,
-        likelihood: str = "gaussian",
+        likelihood: "str | Likelihood | Callable" = "gaussian",
         noise: float = 0.1,
         kl: str = "exact",
         learn_inducing: bool = True,
