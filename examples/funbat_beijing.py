@@ -27,7 +27,14 @@ def main():
     p.add_argument("--max-iter", type=int, default=30)
     p.add_argument("--plot", type=Path, default=None)
     a = p.parse_args()
-    d = load_tensor_fold(a.data_dir / "tensor" / "beijing_pm25.npz", 0)
+    path = a.data_dir / "tensor" / "beijing_pm25.npz"
+    if not path.is_file():
+        raise SystemExit(
+            f"this example needs the Beijing PM2.5 tensor data ({path} not found); it is not "
+            f"bundled with the package. Pass --data-dir DIR (a folder holding "
+            f"tensor/beijing_pm25.npz, the format described in docs/tucker.md) or set "
+            f"PYRO_DKM_DATA. examples/funbat_poisson.py runs on generated data instead.")
+    d = load_tensor_fold(path, 0)
     m = FunctionalTucker([a.rank] * 3, nu=1.5, lengthscale=[0.3, 0.3, 0.03], max_iter=a.max_iter)
     t = time.perf_counter()
     m.fit(d["train_coord"], d["train_value"])
