@@ -79,10 +79,16 @@ class Likelihood(PyroModule):
     def conditional(self, f: Tensor) -> torch.distributions.Distribution:
         raise NotImplementedError
 
-    def check_y(self, y: Tensor) -> Tensor:
-        """Validate and cast the targets (subclasses check their support)."""
+    def check_y(self, y: Tensor, f_loc: Tensor | None = None) -> Tensor:
+        """Validate and cast the targets (subclasses check their support); with the
+        latent means ``f_loc``, also that ``y`` has one entry per observation."""
         if not isinstance(y, Tensor):
             raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+        if f_loc is not None:
+            want = f_loc.shape[:f_loc.dim() - self.latent_event_dim]
+            if y.shape != want:
+                raise ValueError(f"y must have shape {tuple(want)} (one entry per latent "
+                                 f"value), got {tuple(y.shape)}")
         if y.is_floating_point() and not bool(torch.isfinite(y).all()):
             raise ValueError("y must be finite (it holds NaN or inf)")
         return y
@@ -111,7 +117,7 @@ class Likelihood(PyroModule):
             d = self.conditional(f)
             extra = len(d.batch_shape) - 1  # dimensions beyond the data dimension
             return pyro.sample(name, d.to_event(extra) if extra > 0 else d)
-        y = self.check_y(y)
+        y = self.check_y(y, f_loc)
         ell = self.expected_log_prob(f_loc, f_var, y)
         pyro.factor(name, ell.reshape(ell.shape[:1] + (-1,)).sum(-1) if ell.dim() > 1 else ell)
         return y
@@ -129,8 +135,8 @@ class Gaussian(Likelihood):
     def conditional(self, f):
         return dist.Normal(f, self.variance.to(f).sqrt())
 
-    def check_y(self, y):
-        y = super().check_y(y)
+    def check_y(self, y, f_loc=None):
+        y = super().check_y(y, f_loc)
         if not y.is_floating_point():
             raise TypeError(f"y must be floating point for a Gaussian likelihood, got {y.dtype}")
         return y
@@ -167,8 +173,8 @@ class Bernoulli(Likelihood):
     def conditional(self, f):
         return dist.Bernoulli(logits=f)
 
-    def check_y(self, y):
-        y = super().check_y(y)
+    def check_y(self, y, f_loc=None):
+        y = super().check_y(y, f_loc)
         if not bool(((y == 0) | (y == 1)).all()):
             raise ValueError("y must hold 0/1 labels for a Bernoulli likelihood")
         return y.to(torch.get_default_dtype() if not y.is_floating_point() else y.dtype)
@@ -193,8 +199,8 @@ class Poisson(Likelihood):
     def conditional(self, f):
         return dist.Poisson((f + self.log_exposure.to(f)).exp())
 
-    def check_y(self, y):
-        y = super().check_y(y)
+    def check_y(self, y, f_loc=None):
+        y = super().check_y(y, f_loc)
         if bool((y < 0).any()) or not bool((y == y.round()).all()):
             raise ValueError("y must hold non-negative integer counts for a Poisson likelihood")
         return y
@@ -222,8 +228,8 @@ class Categorical(Likelihood):
     def conditional(self, f):
         return dist.Categorical(logits=f)
 
-    def check_y(self, y):
-        y = super().check_y(y)
+    def check_y(self, y, f_loc=None):
+        y = super().check_y(y, f_loc)
         if y.is_floating_point() or y.dtype == torch.bool:
             raise TypeError(f"y must hold integer class indices, got dtype {y.dtype}")
         return y.long()
