@@ -31,12 +31,12 @@ def test_variational_elbo_equals_the_closed_form_dkm_objective():
     mll = gpytorch.mlls.VariationalELBO(lik, gp_model, num_data=80)
     ours = DeepKernelMachine(Z, depth=2, nu=[0.5, 2.0], noise=noise)
     ours.load_state_dict(gp_model.dkm.state_dict())
-    assert abs(float(ours.noise) - noise) < 1e-15
-    full = float(mll(gp_model(X), y)) * 80
-    assert abs(full - float(ours.objective(X, y))) < 1e-8 * abs(full)
+    assert abs(ours.noise.item() - noise) < 1e-15
+    full = mll(gp_model(X), y).item() * 80
+    assert abs(full - ours.objective(X, y).item()) < 1e-8 * abs(full)
     idx = torch.arange(20)
-    batch = float(mll(gp_model(X[idx]), y[idx])) * 80
-    assert abs(batch - float(ours.objective(X[idx], y[idx], num_data=80))) < 1e-8 * abs(batch)
+    batch = mll(gp_model(X[idx]), y[idx]).item() * 80
+    assert abs(batch - ours.objective(X[idx], y[idx], num_data=80).item()) < 1e-8 * abs(batch)
 
 
 class FeatureDKM(gpytorch.models.GP):
@@ -69,7 +69,7 @@ def test_dkm_gp_trains_inside_a_gpytorch_composition():
         loss = -mll(model(X), y)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3, (losses[0], losses[-1])
     assert (model.features.weight.detach() - w0).abs().max() > 1e-2  # the features train too
     with torch.no_grad():
