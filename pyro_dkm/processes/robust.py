@@ -43,6 +43,7 @@ quadrature in ``log lam`` (:func:`~pyro_dkm.processes.scale_posterior_quadrature
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -321,6 +322,13 @@ def robust_vb(K: Tensor, y: Tensor, *, noise: float = 0.1, df: float = 4.0,
 # --------------------------------------------------------------------------
 # PyroModule front end
 # --------------------------------------------------------------------------
+def _y_scale(y: Tensor) -> float:
+    """The power of ten nearest to ``y``'s standard deviation (1 for standardised targets,
+    and for fewer than two finite values)."""
+    std = float(y.detach().std()) if y.numel() > 1 else 0.0
+    return 10.0 ** round(math.log10(std)) if std > 0 and math.isfinite(std) else 1.0
+
+
 class RobustRegression(_ExactRegression):
     r"""Exact-prior regression with Student-t noise (per-observation inverse-gamma noise
     scales), fitted by variational EM (:func:`robust_vb`).
@@ -335,12 +343,21 @@ class RobustRegression(_ExactRegression):
     Args:
         X: ``(n, d)``; y: ``(n,)`` (standardise: zero prior mean); kernel: callable.
         process: ``"gp"`` or ``"student_t"``; df, noise, amplitude, concentration, rate:
-            initial / fixed values.
+            initial / fixed values (unset ``noise``, ``amplitude``, ``rate``: 0.1, 1 and 2
+            times the square of y's scale, the power of ten nearest its standard deviation,
+            so the whole fit rescales with y; the EM runs in those units).
     """
 
     def __init__(self, X: Tensor, y: Tensor, kernel: Callable | None = None, *,
-                 process: str = "gp", df: float = 4.0, noise: float = 0.1,
-                 amplitude: float = 1.0, concentration: float = 2.0, rate: float = 2.0):
+                 process: str = "gp", df: float = 4.0, noise: float | None = None,
+                 amplitude: float | None = None, concentration: float = 2.0,
+                 rate: float | None = None):
+        # unset values are relative to y's scale s2 (0.1, 1 and 2 in the units where y's
+        # spread is O(1)), so a fit of 1e4 * y is the fit of y rescaled
+        s2 = _y_scale(y) ** 2 if isinstance(y, Tensor) and y.is_floating_point() else 1.0
+        noise = 0.1 * s2 if noise is None else noise
+        amplitude = 1.0 * s2 if amplitude is None else amplitude
+        rate = 2.0 * s2 if rate is None else rate
         super().__init__(X, y, kernel, noise=noise)
         if process not in PROCESSES:
             raise ValueError(f"process must be one of {PROCESSES}, got {process!r}")
@@ -352,6 +369,7 @@ class RobustRegression(_ExactRegression):
             self.register_buffer("concentration", _pos(concentration, "concentration"))
             self.register_buffer("rate", _pos(rate, "rate"))
         self.state: RobustFit | None = None
+        self._y_scale = 1.0
 
     def _default_kernel(self):
         return NNGPCovariance(learn_variance=False)
@@ -408,22 +426,44 @@ class RobustRegression(_ExactRegression):
         if learn is None:
             learn = ("amplitude", "noise", "df") if self.process == "gp" else ("noise", "df")
         y = self.y.detach().to(torch.float64)
+        # Fit in units where y's spread is O(1), so that the bounds and starting values of
+        # the EM mean the same for y and for 1e4 y: the scale is the power of ten nearest
+        # to y's standard deviation (exactly 1 for standardised targets: no change there).
+        scale = _y_scale(y)
+        s2 = scale * scale
+        kw = self._kw()
+        kw["noise"] /= s2
+        if self.process == "gp":
+            kw["amplitude"] /= s2
+        else:  # s ~ InvGamma(a, b) in y's units is InvGamma(a, b / scale^2) in fit units
+            kw["rate"] /= s2
         u0 = self.state.u if self.state is not None else None  # warm start a refit
-        st = robust_vb(self._K(), y, learn=learn, max_iter=max_iter, tol=tol, bounds=bounds,
-                       u0=u0, **self._kw())
+        st = robust_vb(self._K(), y / scale, learn=learn, max_iter=max_iter, tol=tol,
+                       bounds=bounds, u0=u0, **kw)
+        self._y_scale = scale
+        self.state = st
+        shift = -y.numel() * math.log(scale)  # log p(y) = log p(y / scale) - n log(scale)
+        params = dict(st.params)
+        for k in ("noise", "amplitude", "rate"):
+            if k in params:
+                params[k] = params[k] * s2
         for k in ("noise", "df", "amplitude"):
             if k in learn:
-                setattr(self, k, PyroParam(torch.tensor(st.params[k], dtype=torch.float64),
+                setattr(self, k, PyroParam(torch.tensor(params[k], dtype=torch.float64),
                                            constraints.positive))
-        self.state = st
-        return st
+        return dataclasses.replace(st, params=params, elbo=st.elbo + shift,
+                                   history=[h + shift for h in st.history])
 
     def _state(self) -> RobustFit:
-        return self.state if self.state is not None else self.fit(learn=())
+        """The fitted state, in fit units (y / ``_y_scale``)."""
+        if self.state is None:
+            self.fit(learn=())
+        return self.state
 
     def elbo(self) -> float:
         """The variational lower bound on ``log p(y)`` at the fitted state."""
-        return self._state().elbo
+        st = self._state()
+        return st.elbo - self.y.numel() * math.log(self._y_scale)
 
     def predict(self, X_new: Tensor, *, order: int = 16, panels: int = 8
                 ) -> StudentTNoisePredictive:
@@ -433,4 +473,14 @@ class RobustRegression(_ExactRegression):
         with torch.no_grad():
             Ks = kernel_matrix(self.kernel, self.X, X_new).to(torch.float64)
             kss = kernel_matrix(self.kernel, X_new, diag=True).to(torch.float64)
-        return st.predict(Ks, kss, order=order, panels=panels)
+        s = self._y_scale
+        if s == 1.0:
+            return st.predict(Ks, kss, order=order, panels=panels)
+        mean, var = st.latent(Ks, kss)  # fit units; the predictive in y's units
+        noise, df = st.params["noise"] * s * s, st.params["df"]
+        if self.process == "gp":
+            return StudentTNoisePredictive(mean * s, var * s * s, noise, df, order=order,
+                                           panels=panels)
+        a_q, b_q = st.scale_posterior
+        return StudentTNoisePredictive(mean * s, var * s * s, noise, df, latent_df=2 * a_q,
+                                       latent_scale=b_q / a_q, order=order, panels=panels)

@@ -347,3 +347,26 @@ def test_special_values_used_above():
     # the direct noise-term formula above uses torch's digamma; cross-check one value
     assert float(torch.digamma(torch.tensor(2.5, dtype=D))) == pytest.approx(
         special.digamma(2.5), abs=1e-14)
+
+
+@pytest.mark.parametrize("process", ["gp", "student_t"])
+def test_fit_and_predictive_rescale_with_the_targets(process):
+    # y -> c y (c = 1e4, 1e-4, 1e8): the fit happens in units where y's spread is O(1), so
+    # the fitted noise scales by c^2 and the predictive centre by c (EM tolerance: 1e-8
+    # relative); before, the noise hit a bound (1e6 at c = 1e4) and the predictions moved.
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 2, generator=g, dtype=torch.float64)
+    y = torch.sin(X[:, 0]) + 0.1 * torch.randn(60, generator=g, dtype=torch.float64)
+    Xt = torch.randn(10, 2, generator=g, dtype=torch.float64)
+    base = RobustRegression(X, y, process=process)
+    fit0 = base.fit()
+    p0 = base.predict(Xt)
+    for c in (1e4, 1e-4, 1e8):
+        m = RobustRegression(X, c * y, process=process)
+        fit = m.fit()
+        assert abs(fit.params["noise"] / (c * c) - fit0.params["noise"]) < 1e-8 * fit0.params[
+            "noise"], c
+        p = m.predict(Xt)
+        torch.testing.assert_close(p.loc / c, p0.loc, rtol=1e-8, atol=1e-10)
+        # the bound on log p(y) shifts by -n log c
+        assert abs(fit.elbo - (fit0.elbo - 60 * math.log(c))) < 1e-6 * abs(fit0.elbo) + 1e-6
