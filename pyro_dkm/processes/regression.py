@@ -96,21 +96,35 @@ class NNGPCovariance(PyroModule):
         return self.variance.to(k.dtype) * k
 
 
+def _y_scale(y) -> float:
+    """The power of ten nearest to ``y``'s standard deviation: the unit in which unset
+    starting values are given (1 for standardised targets, and when it cannot be computed),
+    so that a model of ``c * y`` starts, and fits, as the model of ``y`` rescaled."""
+    if not (isinstance(y, Tensor) and y.is_floating_point() and y.numel() > 1):
+        return 1.0
+    std = float(y.detach().std())
+    return 10.0 ** round(math.log10(std)) if std > 0 and math.isfinite(std) else 1.0
+
+
 class _ExactRegression(PyroModule):
-    """Training data, kernel and noise shared by the exact regression models."""
+    """Training data, kernel and noise shared by the exact regression models. Unset
+    ``noise`` (and the default kernel's ``variance``) are relative to y's scale ``s``
+    (:func:`_y_scale`): ``0.1 s^2`` (and ``s^2``), so fits rescale with the targets."""
 
     def __init__(self, X: Tensor, y: Tensor, kernel: Callable | None = None, *,
-                 noise: float = 0.1):
+                 noise: float | None = None):
         super().__init__()
-        self.kernel = kernel if kernel is not None else self._default_kernel()
+        s2 = _y_scale(y) ** 2
+        noise = 0.1 * s2 if noise is None else noise
+        self.kernel = kernel if kernel is not None else self._default_kernel(s2)
         if not callable(self.kernel):
             raise TypeError(f"kernel must be callable (x1, x2) -> Tensor, got "
                             f"{type(self.kernel).__name__}")
         self.noise = PyroParam(_pos(noise, "noise"), constraints.positive)
         self.set_data(X, y)
 
-    def _default_kernel(self):
-        return NNGPCovariance()
+    def _default_kernel(self, s2: float = 1.0):
+        return NNGPCovariance(variance=s2)
 
     def set_data(self, X: Tensor, y: Tensor) -> None:
         """Set the training inputs ``X`` ``(n, d)`` and targets ``y`` ``(n,)``."""
@@ -230,14 +244,20 @@ class StudentTProcessRegression(_ExactRegression):
     Args:
         X: ``(n, d)`` inputs; y: ``(n,)`` targets (standardise them: zero prior mean).
         kernel: callable kernel (``NNGPCovariance``, ``serial(...)``, a GPyTorch kernel).
-        concentration, rate, noise: initial values.
+        concentration, rate, noise: initial values (unset ``rate``: 2 times the square of
+            y's scale, the power of ten nearest its standard deviation, so the fit rescales
+            with y; ``noise`` is relative to the unit-variance kernel, default 0.1).
         learn_concentration: register ``a`` as a parameter (else a fixed buffer).
     """
 
     def __init__(self, X: Tensor, y: Tensor, kernel: Callable | None = None, *,
-                 concentration: float = 2.0, rate: float = 2.0, noise: float = 0.1,
+                 concentration: float = 2.0, rate: float | None = None,
+                 noise: float | None = None,
                  learn_concentration: bool = True):
-        super().__init__(X, y, kernel, noise=noise)
+        # the noise is folded into the scaled kernel s (K + noise I), K at unit variance: its
+        # start is relative to K (0.1), the scale of y goes into the rate
+        super().__init__(X, y, kernel, noise=0.1 if noise is None else noise)
+        rate = 2.0 * _y_scale(y) ** 2 if rate is None else rate
         a = _pos(concentration, "concentration")
         if learn_concentration:
             self.concentration = PyroParam(a, constraints.positive)
@@ -245,7 +265,7 @@ class StudentTProcessRegression(_ExactRegression):
             self.register_buffer("concentration", a)
         self.rate = PyroParam(_pos(rate, "rate"), constraints.positive)
 
-    def _default_kernel(self):
+    def _default_kernel(self, s2: float = 1.0):
         return NNGPCovariance(learn_variance=False)
 
     def _stats(self):
@@ -312,7 +332,8 @@ class ScaleMixtureRegression(_ExactRegression):
     """
 
     def __init__(self, X: Tensor, y: Tensor, scale_prior, kernel: Callable | None = None, *,
-                 noise: float = 0.1, noise_scaled: bool = True, method: str = "quadrature",
+                 noise: float | None = None, noise_scaled: bool = True,
+                 method: str = "quadrature",
                  num_samples: int = 1000, order: int = 16, panels: int = 8):
         super().__init__(X, y, kernel, noise=noise)
         self.scale_prior = check_scale_prior(scale_prior)

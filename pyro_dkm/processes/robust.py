@@ -60,7 +60,7 @@ from .._pyro import sync_param_store
 from ..linalg import check_tensor, cholesky, tril_solve
 from ._t_noise import StudentTNoisePredictive, _check_positive, log_integral
 from .classification import kl_inverse_gamma
-from .regression import NNGPCovariance, _ExactRegression, _pos
+from .regression import NNGPCovariance, _ExactRegression, _pos, _y_scale
 from .spectral import SpectralProblem, maximise_positive
 from .student_t import kernel_matrix, log_gamma_ratio
 
@@ -322,13 +322,6 @@ def robust_vb(K: Tensor, y: Tensor, *, noise: float = 0.1, df: float = 4.0,
 # --------------------------------------------------------------------------
 # PyroModule front end
 # --------------------------------------------------------------------------
-def _y_scale(y: Tensor) -> float:
-    """The power of ten nearest to ``y``'s standard deviation (1 for standardised targets,
-    and for fewer than two finite values)."""
-    std = float(y.detach().std()) if y.numel() > 1 else 0.0
-    return 10.0 ** round(math.log10(std)) if std > 0 and math.isfinite(std) else 1.0
-
-
 class RobustRegression(_ExactRegression):
     r"""Exact-prior regression with Student-t noise (per-observation inverse-gamma noise
     scales), fitted by variational EM (:func:`robust_vb`).
@@ -354,7 +347,7 @@ class RobustRegression(_ExactRegression):
                  rate: float | None = None):
         # unset values are relative to y's scale s2 (0.1, 1 and 2 in the units where y's
         # spread is O(1)), so a fit of 1e4 * y is the fit of y rescaled
-        s2 = _y_scale(y) ** 2 if isinstance(y, Tensor) and y.is_floating_point() else 1.0
+        s2 = _y_scale(y) ** 2
         noise = 0.1 * s2 if noise is None else noise
         amplitude = 1.0 * s2 if amplitude is None else amplitude
         rate = 2.0 * s2 if rate is None else rate
@@ -371,7 +364,7 @@ class RobustRegression(_ExactRegression):
         self.state: RobustFit | None = None
         self._y_scale = 1.0
 
-    def _default_kernel(self):
+    def _default_kernel(self, s2: float = 1.0):
         return NNGPCovariance(learn_variance=False)
 
     @pyro_method

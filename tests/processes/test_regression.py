@@ -211,3 +211,26 @@ def test_bad_input():
         SpectralProblem(torch.diag(t([1.0, -2.0])), t([0.0, 1.0]))
     with pytest.raises(ValueError, match="init"):
         maximise_positive(lambda a: a, {"a": -1.0})
+
+
+def test_type_two_ml_fits_rescale_with_the_targets():
+    # unset starting values are relative to y's power-of-ten scale, and the parameters are
+    # optimised in log space, so the fit of c y is the fit of y rescaled: predictive centre
+    # times c, scale times c (to 1e-8), for c = 1e4 and 1e-4 (absolute starts would leave
+    # the optimiser 18 log-units away)
+    from pyro_dkm.processes import GaussianProcessRegression, StudentTProcessRegression, fit
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    y = torch.sin(X[:, 0]) + 0.1 * torch.randn(40, generator=g, dtype=torch.float64)
+    Xt = torch.randn(7, 2, generator=g, dtype=torch.float64)
+    for cls in (GaussianProcessRegression, StudentTProcessRegression):
+        base = cls(X, y)
+        fit(base, steps=40, lr=0.05)
+        p0 = base.predict(Xt)
+        for c in (1e4, 1e-4):
+            m = cls(X, c * y)
+            fit(m, steps=40, lr=0.05)
+            p = m.predict(Xt)
+            torch.testing.assert_close(p.mean / c, p0.mean, rtol=1e-8, atol=1e-10)
+            torch.testing.assert_close(p.stddev / c, p0.stddev, rtol=1e-8, atol=1e-10)
