@@ -4,7 +4,7 @@ Synthetic data y = sin(x_1 + x_2) + N(0, 0.1^2), x ~ N(0, I_8). Prints the test 
 the posterior mean (shared by the GP and the Student-t process), and on the first
 --n-var test points the Gaussian and Student-t predictive log-likelihoods.
 
-    python examples/keops_large_gp.py                 # N = 5000: 1-2 minutes on 2 CPU cores
+    python examples/keops_large_gp.py                 # N = 5000: about 30 s on 2 CPU cores
     python examples/keops_large_gp.py --n 20000       # ~15 min on 2 CPU cores
     python examples/keops_large_gp.py --n 200000 --device cuda
 

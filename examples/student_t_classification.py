@@ -66,8 +66,8 @@ def main() -> None:
               + f"   ({res.seconds:.1f} s)")
         if name == "SVTP":
             q = model.scale_posterior_dist()
-            print(f"       q(s): InvGamma({float(q.base_dist.concentration):.1f}, "
-                  f"{float(q.base_dist.rate):.1f}), mean {float(q.mean):.3f}")
+            print(f"       q(s): InvGamma({q.base_dist.concentration.item():.1f}, "
+                  f"{q.base_dist.rate.item():.1f}), mean {q.mean.item():.3f}")
 
 
 if __name__ == "__main__":
