@@ -396,6 +396,14 @@ class RobustRegression(_ExactRegression):
         super().set_data(X, y)
         self.state = None  # q(lam) belongs to the old data
 
+    def get_extra_state(self):
+        """The fitted variational state travels with ``state_dict()`` (load it with
+        ``torch.load(..., weights_only=False)``: it is not only tensors)."""
+        return {"state": self.state, "y_scale": self._y_scale}
+
+    def set_extra_state(self, extra) -> None:
+        self.state, self._y_scale = extra["state"], extra["y_scale"]
+
     def _K(self) -> Tensor:
         sync_param_store(self)
         with torch.no_grad():
