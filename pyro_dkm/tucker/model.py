@@ -353,6 +353,18 @@ class FunctionalTucker:
     def _fit_once(self, coords, values):
         coords, y = check_tensor_data(coords, values, n_modes=self.K, dtype=self.dtype)
         N = y.shape[0]
+        if N < 3:
+            raise ValueError(f"values must hold at least 3 entries to fit a FunctionalTucker "
+                             f"(the noise posterior needs a0 + N/2 > 1 for E[1/tau]), got {N}")
+        # values of extreme magnitude (spread outside [1e-2, 1e2]) are fitted in units of
+        # the power of ten nearest their standard deviation, where the ALS start and the
+        # priors are meant to work; predictions and the noise variance are reported in the
+        # values' own units. Values of ordinary spread are fitted as they are (the ALS start
+        # is sensitive to the scale: 3.8-spread data divided by 10 collapsed once)
+        std = float(y.std())
+        self._y_scale = 10.0 ** round(math.log10(std)) if math.isfinite(std) and (
+            0 < std < 1e-2 or std > 1e2) else 1.0
+        y = y / self._y_scale
         gen = torch.Generator().manual_seed(self.seed if self.seed is not None else torch.seed())
         self.unique_coords, self._idx = [], []
         for k in range(self.K):
@@ -452,8 +464,9 @@ class FunctionalTucker:
 
     @property
     def noise_variance(self) -> float:
-        """Posterior mean of the noise variance, E[1/tau] = b / (a - 1)."""
-        return self.tau_b / max(self.tau_a - 1.0, 1e-12)
+        """Posterior mean of the noise variance, E[1/tau] = b / (a - 1), in the values'
+        units."""
+        return self.tau_b / max(self.tau_a - 1.0, 1e-12) * getattr(self, "_y_scale", 1.0) ** 2
 
     # ------------------------------------------------------------------ predict
     def factor_posterior(self, k: int, x) -> tuple[Tensor, Tensor]:
@@ -521,6 +534,10 @@ class FunctionalTucker:
 
         if not self.fitted:
             raise RuntimeError("call fit() before pyro_model()")
+        if getattr(self, "_y_scale", 1.0) != 1.0:
+            raise ValueError(f"pyro_model() needs a fit on values of O(1) spread (these were "
+                             f"fitted in units of {self._y_scale:g}); divide the values by "
+                             f"that, refit, and scale the Pyro model's entries back")
         grids = [u.clone() for u in self.unique_coords]
         if coords is not None:
             coords, _ = check_tensor_data(coords, n_modes=self.K, dtype=self.dtype)
@@ -559,6 +576,8 @@ class FunctionalTucker:
             subs = [letters + upper] + ["n" + a + b for a, b in zip(letters, upper)]
             Ef2.append(torch.einsum(",".join(subs) + "->n", W2, *Es))
         var = (torch.cat(Ef2) - mean**2).clamp_min(0)
+        s = getattr(self, "_y_scale", 1.0)  # fit units -> the values' units
+        mean, var = mean * s, var * s * s
         if include_noise:
             var = var + self.noise_variance
         return MomentNormal(mean, var)

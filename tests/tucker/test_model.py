@@ -234,3 +234,23 @@ def test_collapsed_als_start_is_detected_and_restarted():
         m0 = FunctionalTucker([2, 2, 2], nu=1.5, lengthscale=0.3, progress=False, seed=0)
         m0.fit(X, y)
     assert not m0.restarted
+
+
+def test_values_are_fitted_at_their_own_scale_and_too_few_entries_are_refused():
+    # values x 1e8 (the ALS start used to fail with a singular solve, then fits were wrong):
+    # values of extreme spread are fitted in units of their power-of-ten scale, so it is the
+    # fit of the unscaled values, rescaled (1e-8 relative); fewer than 3 entries: an error
+    # (E[1/tau] needs a0 + N/2 > 1; 1 entry used to report a noise variance of 2.6e12)
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(200, 3, generator=g, dtype=torch.float64)
+    y = torch.sin(3 * X[:, 0]) + X[:, 1] + 0.1 * torch.randn(200, generator=g,
+                                                           dtype=torch.float64)
+    base = FunctionalTucker([2, 2, 2], progress=False, seed=0).fit(X, y)
+    big = FunctionalTucker([2, 2, 2], progress=False, seed=0).fit(X, y * 1e8)
+    p0, p1 = base.predict(X[:20]), big.predict(X[:20])
+    torch.testing.assert_close(p1.mean / 1e8, p0.mean, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(p1.variance / 1e16, p0.variance, rtol=1e-8, atol=1e-10)
+    assert abs(big.noise_variance / 1e16 - base.noise_variance) < 1e-8 * base.noise_variance
+    for n in (1, 2):
+        with pytest.raises(ValueError, match="at least 3 entries"):
+            FunctionalTucker([2, 2, 2], progress=False).fit(X[:n], y[:n])
