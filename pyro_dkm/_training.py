@@ -36,6 +36,22 @@ class FitResult:
     details: Any = None
 
 
+def power_of_ten_scale(y, *, ordinary: tuple[float, float] | None = None) -> float:
+    """The power of ten nearest to ``y``'s standard deviation: the unit in which the fits
+    work and unset starting values are given, so that a model of ``c * y`` fits as the
+    model of ``y`` rescaled. 1 for standardised targets, when it cannot be computed (fewer
+    than two values, not floating point, zero or non-finite spread), and, with
+    ``ordinary=(lo, hi)``, for spreads inside that range (left as they are)."""
+    if not (isinstance(y, Tensor) and y.is_floating_point() and y.numel() > 1):
+        return 1.0
+    std = float(y.detach().std())
+    if not (std > 0 and math.isfinite(std)):
+        return 1.0
+    if ordinary is not None and ordinary[0] <= std <= ordinary[1]:
+        return 1.0
+    return 10.0 ** round(math.log10(std))
+
+
 def shuffled_minibatches(n: int, batch_size: int, *, generator: torch.Generator | None = None,
                          device=None) -> Iterator[Tensor]:
     """Endless minibatch indices: each epoch draws a fresh permutation of ``range(n)`` (from

@@ -39,7 +39,7 @@ from torch import Tensor
 from .kernels.keops import (
     MATMUL_TILE,
     NNGPOperator,
-    _resolve_backend,
+    _keops_decision,
     _tiled_matmul,
     keops_matmul,
 )
@@ -120,14 +120,6 @@ class DataParallel:
             start += k
         return float(flat[-1]) if loss is not None else None
 
-    def reduce_loss(self, value: float) -> float:
-        """The sum over the ranks of a local loss value (the global minibatch loss)."""
-        if not self.enabled:
-            return value
-        t = torch.tensor(float(value), dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return float(t)
-
     def broadcast_value(self, value: float) -> float:
         """Rank 0's value on every rank (a validation metric)."""
         if not self.enabled:
@@ -145,14 +137,6 @@ def _gather_rows(part: Tensor, n: int, rank: int, size: int) -> Tensor:
         parts.append(part.new_empty((sl.stop - sl.start,) + tuple(part.shape[1:])))
     dist.all_gather(parts, part.contiguous())
     return torch.cat(parts)
-
-
-def _keops_backend(op: NNGPOperator, n: int) -> bool:
-    """Whether the operator's products would run through KeOps (as keops_matmul decides)."""
-    use, threshold = _resolve_backend(op.use_keops, op.threshold)
-    if use == "auto":
-        return op.x1.device.type == "cuda" and n >= threshold
-    return bool(use)
 
 
 def sharded_matmul(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None, v: Tensor, *,
@@ -183,7 +167,8 @@ class ShardedNNGPOperator(NNGPOperator):
         vec = rhs.dim() == 1
         v = rhs[:, None] if vec else rhs
         n = self.x1.shape[-2]
-        if self.sym and not _keops_backend(self, n) and n > MATMUL_TILE:
+        keops = _keops_decision(self.use_keops, self.threshold, self.x1.device, n)[0]
+        if self.sym and not keops and n > MATMUL_TILE:
             # torch tiles of a symmetric K: the upper tiles dealt round-robin to the ranks
             # (each tile's K_ij v_j and K_ij^T v_i), partial sums all-reduced; keeps the
             # one-process product's halving of the kernel evaluations

@@ -352,8 +352,7 @@ class DeepKernelMachine(PyroModule):
         ``subsample_size``: draw a random minibatch of ``X`` inside the plate;
         ``num_data``: ``X``/``y`` already are a minibatch of a data set of this size.
         """
-        sync_param_store(self)
-        X = self._check_X(X)
+        X = self._check_X(X)  # (the parameter store is synced by self(...) below)
         N = X.shape[0]
         y = self._check_y(y, N)
         name = self._pyro_get_fullname("data")

@@ -342,6 +342,17 @@ def _resolve_backend(use_keops, threshold):
             settings.keops_threshold if threshold is None else threshold)
 
 
+def _keops_decision(use_keops, threshold, device, n: int) -> tuple[bool, object]:
+    """Whether a product over point sets of (at least) ``n`` rows on ``device`` runs
+    through KeOps, and the resolved ``use_keops`` (``None`` read from the settings)."""
+    use_keops, threshold = _resolve_backend(use_keops, threshold)
+    if use_keops == "auto":
+        return device.type == "cuda" and n >= threshold, use_keops
+    if isinstance(use_keops, bool):
+        return use_keops, use_keops
+    raise ValueError(f"use_keops must be True, False or 'auto', got {use_keops!r}")
+
+
 def keops_matmul(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None, v: Tensor, *,
                  get: str = "nngp", use_keops=None,
                  threshold: int | None = None) -> Tensor:
@@ -374,13 +385,8 @@ def keops_matmul(kfn: NNGPKernelFn, x1: Tensor, x2: Tensor | None, v: Tensor, *,
         raise TypeError(f"x1, x2 and v must have one dtype, got {x1.dtype}, {x2.dtype} and "
                         f"{v.dtype}; convert v with v.to(x1.dtype)")
     vec = v.dim() == 1
-    use_keops, threshold = _resolve_backend(use_keops, threshold)
-    if use_keops == "auto":
-        use = x1.device.type == "cuda" and min(x1.shape[-2], x2.shape[-2]) >= threshold
-    elif isinstance(use_keops, bool):
-        use = use_keops
-    else:
-        raise ValueError(f"use_keops must be True, False or 'auto', got {use_keops!r}")
+    use, use_keops = _keops_decision(use_keops, threshold, x1.device,
+                                     min(x1.shape[-2], x2.shape[-2]))
     if use:
         why = _keops_supported(kfn, x1, x2, v) or (None if _lazy_tensor_cls() else "no pykeops")
         if why is None:

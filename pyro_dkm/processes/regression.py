@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.distributions import Normal, StudentT, constraints
 
 from .._pyro import sync_param_store
+from .._training import power_of_ten_scale
 from ..kernels.nngp import ACTIVATIONS, fully_connected
 from ..linalg import check_positive, check_tensor, cholesky, tril_solve
 from .scale_mixture import (
@@ -96,25 +97,16 @@ class NNGPCovariance(PyroModule):
         return self.variance.to(k.dtype) * k
 
 
-def _y_scale(y) -> float:
-    """The power of ten nearest to ``y``'s standard deviation: the unit in which unset
-    starting values are given (1 for standardised targets, and when it cannot be computed),
-    so that a model of ``c * y`` starts, and fits, as the model of ``y`` rescaled."""
-    if not (isinstance(y, Tensor) and y.is_floating_point() and y.numel() > 1):
-        return 1.0
-    std = float(y.detach().std())
-    return 10.0 ** round(math.log10(std)) if std > 0 and math.isfinite(std) else 1.0
-
-
 class _ExactRegression(PyroModule):
     """Training data, kernel and noise shared by the exact regression models. Unset
     ``noise`` (and the default kernel's ``variance``) are relative to y's scale ``s``
-    (:func:`_y_scale`): ``0.1 s^2`` (and ``s^2``), so fits rescale with the targets."""
+    (:func:`~pyro_dkm._training.power_of_ten_scale`): ``0.1 s^2`` (and ``s^2``), so fits
+    rescale with the targets."""
 
     def __init__(self, X: Tensor, y: Tensor, kernel: Callable | None = None, *,
                  noise: float | None = None):
         super().__init__()
-        s2 = _y_scale(y) ** 2
+        s2 = power_of_ten_scale(y) ** 2
         noise = 0.1 * s2 if noise is None else noise
         self.kernel = kernel if kernel is not None else self._default_kernel(s2)
         if not callable(self.kernel):
@@ -257,7 +249,7 @@ class StudentTProcessRegression(_ExactRegression):
         # the noise is folded into the scaled kernel s (K + noise I), K at unit variance: its
         # start is relative to K (0.1), the scale of y goes into the rate
         super().__init__(X, y, kernel, noise=0.1 if noise is None else noise)
-        rate = 2.0 * _y_scale(y) ** 2 if rate is None else rate
+        rate = 2.0 * power_of_ten_scale(y) ** 2 if rate is None else rate
         a = _pos(concentration, "concentration")
         if learn_concentration:
             self.concentration = PyroParam(a, constraints.positive)

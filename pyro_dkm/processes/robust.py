@@ -57,10 +57,11 @@ from torch import Tensor
 from torch.distributions import constraints
 
 from .._pyro import sync_param_store
+from .._training import power_of_ten_scale
 from ..linalg import check_tensor, cholesky, tril_solve
 from ._t_noise import StudentTNoisePredictive, _check_positive, log_integral
 from .classification import kl_inverse_gamma
-from .regression import NNGPCovariance, _ExactRegression, _pos, _y_scale
+from .regression import NNGPCovariance, _ExactRegression, _pos
 from .spectral import SpectralProblem, maximise_positive
 from .student_t import kernel_matrix, log_gamma_ratio
 
@@ -166,10 +167,13 @@ class RobustFit:
         return self.spectral.conditional(A, k_star_diag, amp, self.params["noise"])
 
     def predict(self, K_star: Tensor, k_star_diag: Tensor, *, order: int = 16,
-                panels: int = 8) -> StudentTNoisePredictive:
-        """Predictive of ``y_*`` at ``m`` test points (batch shape ``(m,)``)."""
+                panels: int = 8, scale: float = 1.0) -> StudentTNoisePredictive:
+        """Predictive of ``y_*`` at ``m`` test points (batch shape ``(m,)``); ``scale``:
+        the fit was on ``y / scale`` (the predictive is returned in ``y``'s units)."""
         mean, var = self.latent(K_star, k_star_diag)
-        noise, df = self.params["noise"], self.params["df"]
+        s2 = scale * scale
+        mean, var = mean * scale, var * s2
+        noise, df = self.params["noise"] * s2, self.params["df"]
         if self.process == "gp":
             return StudentTNoisePredictive(mean, var, noise, df, order=order, panels=panels)
         a_q, b_q = self.scale_posterior
@@ -347,7 +351,7 @@ class RobustRegression(_ExactRegression):
                  rate: float | None = None):
         # unset values are relative to y's scale s2 (0.1, 1 and 2 in the units where y's
         # spread is O(1)), so a fit of 1e4 * y is the fit of y rescaled
-        s2 = _y_scale(y) ** 2
+        s2 = power_of_ten_scale(y) ** 2
         noise = 0.1 * s2 if noise is None else noise
         amplitude = 1.0 * s2 if amplitude is None else amplitude
         rate = 2.0 * s2 if rate is None else rate
@@ -430,7 +434,7 @@ class RobustRegression(_ExactRegression):
         # Fit in units where y's spread is O(1), so that the bounds and starting values of
         # the EM mean the same for y and for 1e4 y: the scale is the power of ten nearest
         # to y's standard deviation (exactly 1 for standardised targets: no change there).
-        scale = _y_scale(y)
+        scale = power_of_ten_scale(y)
         s2 = scale * scale
         kw = self._kw()
         kw["noise"] /= s2
@@ -474,14 +478,4 @@ class RobustRegression(_ExactRegression):
         with torch.no_grad():
             Ks = kernel_matrix(self.kernel, self.X, X_new).to(torch.float64)
             kss = kernel_matrix(self.kernel, X_new, diag=True).to(torch.float64)
-        s = self._y_scale
-        if s == 1.0:
-            return st.predict(Ks, kss, order=order, panels=panels)
-        mean, var = st.latent(Ks, kss)  # fit units; the predictive in y's units
-        noise, df = st.params["noise"] * s * s, st.params["df"]
-        if self.process == "gp":
-            return StudentTNoisePredictive(mean * s, var * s * s, noise, df, order=order,
-                                           panels=panels)
-        a_q, b_q = st.scale_posterior
-        return StudentTNoisePredictive(mean * s, var * s * s, noise, df, latent_df=2 * a_q,
-                                       latent_scale=b_q / a_q, order=order, panels=panels)
+        return st.predict(Ks, kss, order=order, panels=panels, scale=self._y_scale)

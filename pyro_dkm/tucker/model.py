@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .._training import power_of_ten_scale
 from ..linalg import cholesky, cholesky_solve
 from .als import als_fit
 from .kalman import condition_on_neighbours, kalman_filter, rts_smoother
@@ -361,9 +362,7 @@ class FunctionalTucker:
         # priors are meant to work; predictions and the noise variance are reported in the
         # values' own units. Values of ordinary spread are fitted as they are (the ALS start
         # is sensitive to the scale: 3.8-spread data divided by 10 collapsed once)
-        std = float(y.std())
-        self._y_scale = 10.0 ** round(math.log10(std)) if math.isfinite(std) and (
-            0 < std < 1e-2 or std > 1e2) else 1.0
+        self._y_scale = power_of_ten_scale(y, ordinary=(1e-2, 1e2))
         y = y / self._y_scale
         gen = torch.Generator().manual_seed(self.seed if self.seed is not None else torch.seed())
         self.unique_coords, self._idx = [], []
