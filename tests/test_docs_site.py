@@ -24,5 +24,11 @@ def test_mkdocs_build_strict(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     api = (tmp_path / "site" / "api" / "dkm" / "index.html").read_text()
     assert "DeepKernelMachine" in api and "latent function" in api  # from the docstrings
+    # the docstrings' reST roles and directives are rendered, not printed as text
+    for page in (tmp_path / "site" / "api").rglob("index.html"):
+        html = page.read_text()
+        for role in (":math:", ":class:", ":func:", ":meth:", ".. math::", ".. code-block::"):
+            assert role not in html, (page.parent.name, role)
+    assert 'class="arithmatex"' in api
     pages = list((tmp_path / "site").rglob("index.html"))
     assert len(pages) >= 15
