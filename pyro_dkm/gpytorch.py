@@ -17,7 +17,7 @@ from gpytorch.constraints import Positive
 from torch import Tensor
 
 from ._gpytorch_dkm import DeepKernelMachineGP  # noqa: E402
-from .kernels.adapters import GPyTorchKernel  # noqa: E402
+from .kernels.adapters import GPyTorchKernel, check_gpytorch_inputs  # noqa: E402
 from .kernels.keops import DEFAULT_KEOPS_THRESHOLD
 from .kernels.nngp import ACTIVATIONS as _ACTIVATIONS
 from .kernels.nngp import fully_connected
@@ -141,10 +141,7 @@ class NNGPKernel(gpytorch.kernels.Kernel):
 
     def __call__(self, x1, x2=None, diag: bool = False, last_dim_is_batch: bool = False,
                  **params):
-        for name, x in (("x1", x1), ("x2", x2)):
-            if x is not None and not isinstance(x, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__} "
-                                f"(convert with torch.as_tensor(x, dtype=torch.float64))")
+        check_gpytorch_inputs(x1, x2)
         return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch,
                                 **params)
 

@@ -28,6 +28,8 @@ from pyro_dkm.linalg import NotPositiveDefiniteError, cholesky, solve_tril
 F64 = torch.float64
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
+#: for the entry points with more argument combinations
+FUZZ_WIDE = settings(FUZZ, max_examples=80)
 
 #: kinds of trouble an input can have
 KINDS = ["ok", "nan", "inf", "huge", "empty", "one_row", "duplicates", "int", "numpy",
@@ -66,10 +68,13 @@ def make_matrix(kind: str, n: int = 8, d: int = 2, seed: int = 0):
 COUNTS = {"error": 0, "finite": 0}
 
 
-def outcome(fn) -> str:
-    """'error' (a clear ValueError/TypeError), 'finite' (a finite answer) or a failure."""
+def outcome(fn, valid: bool = False) -> str:
+    """'error' (a clear ValueError/TypeError), 'finite' (a finite answer) or a failure.
+    ``valid``: every input is good, so the answer must be finite (not an error)."""
     result = _outcome(fn)
     COUNTS[result] += 1
+    if valid:
+        assert result == "finite", "valid inputs must give a finite answer, not an error"
     return result
 
 
@@ -194,3 +199,116 @@ def test_fuzz_catalogue_is_what_the_docstring_says():
         _outcome(lambda: torch.tensor([math.nan]))
     with pytest.raises(AssertionError, match="cryptic"):
         _outcome(lambda: torch.zeros(2) @ torch.zeros(3))
+
+
+def _labels(kind: str, n: int = 8, classes: int = 3):
+    """Class labels with a kind of trouble (for the classifiers)."""
+    y = torch.arange(n) % classes
+    return {"ok": y, "float": y.to(F64), "negative": y - 1, "too_big": y + classes,
+            "wrong_len": y[:3], "two_dim": y[:, None].expand(n, 2), "numpy": y.numpy(),
+            "nan": torch.full((n,), math.nan, dtype=F64), "bool": y > 0}[kind]
+
+
+LABEL_KINDS = ["ok", "float", "negative", "too_big", "wrong_len", "two_dim", "numpy", "nan",
+               "bool"]
+
+
+@FUZZ_WIDE
+@given(kind=kinds, labels=st.sampled_from(LABEL_KINDS),
+       cls=st.sampled_from(["SVGPClassifier", "SVTPClassifier"]))
+def test_classifiers(kind, labels, cls):
+    from pyro_dkm import processes
+
+    def run():
+        model = getattr(processes, cls)(make_matrix("ok")[:4], 3)
+        if labels == "ok":
+            return model.predict(make_matrix(kind))
+        return model.elbo(make_matrix(kind), _labels(labels))
+
+    outcome(run, valid=kind in ("ok", "duplicates") and labels == "ok")
+
+
+@FUZZ_WIDE
+@given(kind=kinds, target=kinds, process=st.sampled_from(["gp", "student_t", "bogus"]),
+       df=st.sampled_from([4.0, 0.0, -2.0, math.nan, math.inf]))
+def test_robust_regression(kind, target, process, df):
+    from pyro_dkm import RobustRegression
+
+    y = make_matrix(target, d=1)
+    y = y[:, 0] if isinstance(y, torch.Tensor) and y.dim() == 2 else y
+
+    def run():
+        model = RobustRegression(make_matrix(kind), y, process=process, df=df)
+        model.fit(max_iter=3)
+        return model.predict(make_matrix("ok")[:3])
+
+    good = kind in ("ok", "huge", "duplicates") and target in ("ok", "huge", "duplicates")
+    outcome(run, valid=good and process != "bogus" and 0 < df < math.inf)
+
+
+def _coords(kind: str, n: int = 30, modes: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    C = torch.randint(0, 5, (n, modes), generator=g).to(F64)
+    if kind == "nan":
+        C[2, 1] = math.nan
+    elif kind == "inf":
+        C[0, 0] = math.inf
+    elif kind == "empty":
+        C = C[:0]
+    elif kind == "one_row":
+        C = C[:1]
+    elif kind == "int":
+        C = C.long()
+    elif kind == "numpy":
+        C = C.numpy()
+    elif kind == "wrong_modes":
+        C = C[:, :2]
+    elif kind == "one_dim":
+        C = C[:, 0]
+    elif kind == "huge":
+        C = C * 1e8
+    elif kind == "duplicates":
+        C = torch.cat([C[:5]] * 6)
+    return C
+
+
+COORD_KINDS = ["ok", "nan", "inf", "empty", "one_row", "int", "numpy", "wrong_modes",
+               "one_dim", "huge", "duplicates"]
+
+
+@FUZZ_WIDE
+@given(kind=st.sampled_from(COORD_KINDS), target=kinds,
+       ranks=st.sampled_from([[2, 2, 2], [0, 2, 2], [2, 2], [2.5, 2, 2], [-1, 1, 1]]),
+       nu=st.sampled_from([1.5, 0.5, 2.5, 1.0, -1.0]))
+def test_functional_tucker(kind, target, ranks, nu):
+    from pyro_dkm import FunctionalTucker
+
+    values = make_matrix(target, n=30, d=1)
+    values = values[:, 0] if isinstance(values, torch.Tensor) and values.dim() == 2 else values
+
+    def run():
+        model = FunctionalTucker(ranks, nu=nu, max_iter=3, progress=False)
+        model.fit(_coords(kind), values)
+        return model.predict(_coords("ok", n=4, seed=1))
+
+    good = kind in ("ok", "int", "duplicates") and target in ("ok", "huge", "duplicates")
+    outcome(run, valid=good and ranks == [2, 2, 2] and nu in (0.5, 1.5, 2.5))
+
+
+@FUZZ_WIDE
+@given(kind=kinds, kind2=kinds, diag=st.booleans())
+def test_gpytorch_adapters(kind, kind2, diag):
+    from pyro_dkm.gpytorch import DeepKernelMachineGP, GPyTorchKernel
+
+    def run_kernel():
+        k = GPyTorchKernel(serial(Dense(2.0, 0.1), Relu(), Dense(1.0, 0.0)))
+        out = k(make_matrix(kind), make_matrix(kind2, n=5), diag=diag)
+        return out if isinstance(out, torch.Tensor) else out.to_dense()
+
+    def run_gp():
+        gp = DeepKernelMachineGP(make_matrix("ok")[:4], num_data=8, depth=1)
+        return gp(make_matrix(kind))
+
+    good = ("ok", "huge", "duplicates", "one_row")
+    outcome(run_kernel, valid=kind in good and kind2 in good)
+    outcome(run_gp, valid=kind in good)

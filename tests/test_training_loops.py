@@ -35,9 +35,10 @@ def test_non_finite_loss_names_the_step_and_the_last_finite_loss():
     X, y = _data()
     m = DeepKernelMachine(X[:6], depth=1)
 
-    def poison(step, loss):  # a NaN in the data after 3 steps
+    def poison(step, loss):  # a NaN in a parameter after 3 steps
         if step == 3:
-            y[0] = float("nan")
+            with torch.no_grad():
+                m.output.u_loc_unconstrained[0, 0] = float("nan")
         return False
 
     with pytest.raises(FloatingPointError, match=r"at step 4 \(last finite loss: [0-9.e-]+ per"):

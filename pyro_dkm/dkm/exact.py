@@ -26,7 +26,7 @@ from .._pyro import sync_param_store
 from ..kernels.gram import GramKernel
 from ..linalg import check_tensor, cholesky, cholesky_solve, gaussian_log_marginal, tril_solve
 from .layers import GramLayer, InputGram, KernelLayer, propagate_gram
-from .model import _per_layer
+from .model import _per_layer, target_statistics
 
 __all__ = ["ExactDeepKernelMachine"]
 
@@ -38,6 +38,10 @@ class ExactDeepKernelMachine(PyroModule):
         X: ``(P, d)`` training inputs; y: ``(P,)`` or ``(P, C)`` targets.
         depth, nu, kernel, noise, kl, lengthscale, gram_parameterisation, dtype: as for
             :class:`~pyro_dkm.dkm.DeepKernelMachine`.
+        standardise: model ``z = (y - y_loc) / y_scale`` with the per-channel mean and
+            standard deviation (``ddof=0``) of ``y`` (buffers ``y_loc``, ``y_scale``), so the
+            fit is equivariant to ``y``'s units and offset; ``noise`` is in ``z``'s units,
+            the objective and ``predict`` in ``y``'s. ``False``: ``z = y``.
 
     ``model()`` adds ``pyro.factor(f"kl_{l}", -nu_l KL_l)`` and observes ``y`` under the
     Gaussian marginal likelihood; ``guide()`` is empty (the Grams are point estimates),
@@ -47,7 +51,8 @@ class ExactDeepKernelMachine(PyroModule):
     def __init__(self, X: Tensor, y: Tensor, *, depth: int = 2,
                  nu: float | Sequence[float] = 1.0, kernel: str | GramKernel | Sequence = "relu",
                  noise: float = 0.1, kl: str = "exact", lengthscale: float = 1.0,
-                 gram_parameterisation: str = "cholesky", dtype: torch.dtype = torch.float64):
+                 gram_parameterisation: str = "cholesky", dtype: torch.dtype = torch.float64,
+                 standardise: bool = True):
         super().__init__()
         check_tensor(X, "X", ndim=2)
         check_tensor(y, "y", min_ndim=1)
@@ -64,6 +69,12 @@ class ExactDeepKernelMachine(PyroModule):
         self.likelihood_name = "gaussian"
         self.register_buffer("X_train", X.detach().to(dtype).clone())
         self.register_buffer("y_train", (y[:, None] if y.dim() == 1 else y).detach().to(dtype))
+        # the targets are modelled as z = (y - y_loc) / y_scale (per channel; ddof=0)
+        loc, scale = target_statistics(self.y_train)
+        if not standardise:
+            loc, scale = torch.zeros_like(loc), torch.ones_like(scale)
+        self.register_buffer("y_loc", loc)
+        self.register_buffer("y_scale", scale)
         nus = [float(v) for v in _per_layer(nu, depth, "nu")]
         kernels = _per_layer(kernel, depth + 1, "kernel")
         self.input_layer = InputGram(X.to(torch.float64), learn_inducing=False)
@@ -79,6 +90,16 @@ class ExactDeepKernelMachine(PyroModule):
     @property
     def dtype(self) -> torch.dtype:
         return self.X_train.dtype
+
+    def _z_train(self) -> Tensor:
+        """The standardised training targets ``(y - y_loc) / y_scale`` ``(P, C)``."""
+        return (self.y_train - self.y_loc) / self.y_scale
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # state dicts saved before target scaling existed hold no y_loc / y_scale
+        for key, value in (("y_loc", 0.0), ("y_scale", 1.0)):
+            state_dict.setdefault(prefix + key, torch.full_like(getattr(self, key), value))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def reset_to_nngp(self) -> None:
@@ -117,7 +138,8 @@ class ExactDeepKernelMachine(PyroModule):
         """The exact DKM objective (closed form)."""
         _, K_top, kls = self.grams()
         L = self._marginal_tril(K_top)
-        ll = gaussian_log_marginal(L, self.y_train.mT).sum()
+        ll = gaussian_log_marginal(L, self._z_train().mT).sum()
+        ll = ll - self.y_train.shape[0] * self.y_scale.log().sum()  # Jacobian of z(y)
         return ll - sum(gl.nu * kl for gl, kl in zip(self.gram_layers, kls))
 
     @pyro_method
@@ -126,8 +148,10 @@ class ExactDeepKernelMachine(PyroModule):
         for l, (kl, gl) in enumerate(zip(kls, self.gram_layers)):
             pyro.factor(f"kl_{l}", -gl.nu * kl)
         L = self._marginal_tril(K_top)
-        loc = L.new_zeros(self.out_channels, L.shape[-1])
-        return pyro.sample("obs", dist.MultivariateNormal(loc, scale_tril=L).to_event(1),
+        # y_c ~ N(y_loc_c, y_scale_c^2 (K + noise I)): the exact density of the raw targets
+        loc = self.y_loc[:, None].expand(self.out_channels, L.shape[-1])
+        tril = self.y_scale[:, None, None] * L
+        return pyro.sample("obs", dist.MultivariateNormal(loc, scale_tril=tril).to_event(1),
                            obs=self.y_train.mT)
 
     def guide(self, *args, **kwargs):
@@ -147,7 +171,7 @@ class ExactDeepKernelMachine(PyroModule):
         X = X.to(self.dtype)
         Gs, K_top, _ = self.grams()
         L = self._marginal_tril(K_top)
-        alpha = cholesky_solve(L, self.y_train)  # (P, C)
+        alpha = cholesky_solve(L, self._z_train())  # (P, C)
         means, variances = [], []
         for s in range(0, X.shape[0], batch_size):
             G = self.input_layer(X[s:s + batch_size])
@@ -160,7 +184,8 @@ class ExactDeepKernelMachine(PyroModule):
             v = K.t_diag - tril_solve(L, K.ti.mT).pow(2).sum(-2)
             v = v.clamp_min(0) + (self.noise if include_noise else 0.0)
             variances.append(v[:, None].expand(-1, self.out_channels))
-        mean, var = torch.cat(means), torch.cat(variances)
+        mean = self.y_loc + self.y_scale * torch.cat(means)  # back to y's units
+        var = self.y_scale.pow(2) * torch.cat(variances)
         if self.out_channels == 1:
             mean, var = mean[:, 0], var[:, 0]
         return torch.distributions.Normal(mean, var.sqrt())

@@ -33,7 +33,7 @@ from torch.distributions import transform_to
 
 from .._pyro import sync_param_store
 from ..kernels.gram import GramKernel
-from ..likelihoods import Categorical, Gaussian, Likelihood, as_likelihood
+from ..likelihoods import Categorical, Gaussian, Likelihood, StudentT, as_likelihood
 from ..linalg import check_tensor, cholesky, cholesky_solve, tril_solve
 from .gram_blocks import GramBlocks
 from .inducing import select_inducing_points
@@ -61,6 +61,19 @@ def _per_layer(value, n: int, name: str) -> list:
             raise ValueError(f"{name} must be a single value or a list of {n}, got {len(value)}")
         return list(value)
     return [value] * n
+
+
+def target_statistics(Y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-column mean and standard deviation (``ddof=0``) of targets ``Y`` ``(N, C)``
+    for standardisation; a zero or undefined deviation gives 1, and targets already
+    standardised (to 1e-12) give exactly ``(0, 1)``, so they pass through unrounded."""
+    Y = Y.to(torch.float64)
+    loc = Y.mean(0)
+    scale = Y.std(0, correction=0) if Y.shape[0] > 1 else torch.ones_like(loc)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if bool((loc.abs() < 1e-12).all() and ((scale - 1).abs() < 1e-12).all()):
+        return torch.zeros_like(loc), torch.ones_like(scale)
+    return loc, scale
 
 
 def _set_param(module: PyroModule, name: str, value: Tensor) -> None:
@@ -187,6 +200,9 @@ class DeepKernelMachine(PyroModule):
         self.gram_layers = PyroModule[torch.nn.ModuleList](
             [GramLayer(M, nu=v, kl=kl, parameterisation=gram_parameterisation) for v in nus])
         self.output = SparseGPOutput(M, out_channels, shared_covariance)
+        # targets are modelled as (y - y_loc) / y_scale (identity unless set_target_scaling)
+        self.register_buffer("y_loc", torch.zeros(out_channels, dtype=torch.float64))
+        self.register_buffer("y_scale", torch.ones(out_channels, dtype=torch.float64))
         self.to(dtype)
         self.reset_to_nngp()
 
@@ -223,6 +239,69 @@ class DeepKernelMachine(PyroModule):
     def nu(self) -> list[float]:
         return [layer.nu for layer in self.gram_layers]
 
+    # ------------------------------------------------------------------ target scaling
+    @property
+    def location_scale(self) -> bool:
+        """True for a Gaussian or Student-t likelihood (targets may be standardised)."""
+        return isinstance(self.likelihood, (Gaussian, StudentT))
+
+    @property
+    def target_scaled(self) -> bool:
+        """True when the targets are modelled in standardised units (see
+        :meth:`set_target_scaling`)."""
+        return bool((self.y_loc != 0).any() or (self.y_scale != 1).any())
+
+    @torch.no_grad()
+    def set_target_scaling(self, y: Tensor | None) -> None:
+        """Model the targets as ``z = (y - y_loc) / y_scale`` with ``y_loc``/``y_scale``
+        the per-channel mean and standard deviation (``ddof=0``) of ``y`` (``None``:
+        back to the identity). The top-layer kernel has no amplitude and the noise is
+        relative to it, so this makes a fit equivariant to the units of ``y``:
+        :func:`~pyro_dkm.fit` calls it with the training targets. :meth:`model`,
+        :meth:`objective` and :meth:`init_q` take ``y`` in its own units (the objective
+        includes the Jacobian ``-N sum_c log y_scale_c``), :meth:`predict` returns it in
+        them; ``forward`` (``dkm(X)``), ``noise`` and the likelihood's parameters are in
+        standardised units. Gaussian and Student-t likelihoods only."""
+        if y is None:
+            self.y_loc.zero_()
+            self.y_scale.fill_(1.0)
+            return
+        if not self.location_scale:
+            raise ValueError(f"target scaling needs a Gaussian or Student-t likelihood, this "
+                             f"DKM has a {type(self.likelihood).__name__} one")
+        if not isinstance(y, Tensor) or y.dim() == 0:
+            raise TypeError(f"y must be a torch.Tensor of targets with one row per point, "
+                            f"got {type(y).__name__}")
+        loc, scale = target_statistics(self._check_y(y, y.shape[0], scaled=False))
+        self.y_loc.copy_(loc)
+        self.y_scale.copy_(scale)
+
+    def _unscale(self, pred: torch.distributions.Distribution):
+        """A predictive of standardised targets in the units of ``y``."""
+        if not self.target_scaled:
+            return pred
+        loc, scale = self._squeeze(self.y_loc), self._squeeze(self.y_scale)
+        if isinstance(pred, torch.distributions.Normal):
+            return torch.distributions.Normal(loc + scale * pred.loc, scale * pred.scale)
+        if isinstance(pred, torch.distributions.MixtureSameFamily):
+            comp = pred.component_distribution
+            loc_, scale_ = loc.unsqueeze(-1), scale.unsqueeze(-1)  # over the mixture axis
+            if isinstance(comp, torch.distributions.StudentT):
+                comp = torch.distributions.StudentT(comp.df, loc_ + scale_ * comp.loc,
+                                                    scale_ * comp.scale)
+            elif isinstance(comp, torch.distributions.Normal):
+                comp = torch.distributions.Normal(loc_ + scale_ * comp.loc, scale_ * comp.scale)
+            else:  # pragma: no cover - only location-scale likelihoods are scaled
+                raise TypeError(f"cannot rescale a {type(comp).__name__} predictive")
+            return torch.distributions.MixtureSameFamily(pred.mixture_distribution, comp)
+        raise TypeError(f"cannot rescale a {type(pred).__name__} predictive")  # pragma: no cover
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # state dicts saved before target scaling existed hold no y_loc / y_scale
+        for key in ("y_loc", "y_scale"):
+            state_dict.setdefault(prefix + key, getattr(self, key).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def reset_to_nngp(self) -> None:
         """Set every learned Gram to the NNGP value ``K(G_{l-1})_ii`` and ``q(u)`` to the
@@ -251,8 +330,9 @@ class DeepKernelMachine(PyroModule):
             raise ValueError(f"{name} must have at least one row")
         return X.to(device=self.input_layer.inducing_points.device, dtype=self.dtype)
 
-    def _check_y(self, y, N: int, name: str = "y") -> Tensor | None:
-        """Returns ``(N, C)`` values (scalar likelihoods) or ``(N,)`` class indices
+    def _check_y(self, y, N: int, name: str = "y", *, scaled: bool = True) -> Tensor | None:
+        """Returns ``(N, C)`` values (scalar likelihoods; standardised by
+        :meth:`set_target_scaling` unless ``scaled=False``) or ``(N,)`` class indices
         (categorical); the likelihood checks the support (counts, 0/1 labels, ...)."""
         if y is None:
             return None
@@ -281,6 +361,8 @@ class DeepKernelMachine(PyroModule):
             raise ValueError(f"{name} must have shape (N,) or (N, {C}) for {C} output "
                              f"channel(s), got shape {tuple(y.shape)}")
         self.likelihood.check_y(y)
+        if scaled and self.target_scaled:
+            y = (y - self.y_loc) / self.y_scale
         return y
 
     @pyro_method
@@ -371,7 +453,13 @@ class DeepKernelMachine(PyroModule):
         f = self(X[idx])
         yb = None if y is None else self._squeeze(y[idx])
         with data_plate:
-            return self.likelihood(f.loc, f.variance, yb)
+            if self.target_scaled:  # density of y, not of the standardised z
+                pyro.factor(self._pyro_get_fullname("y_scaling"),
+                            -self.y_scale.log().sum().expand(len(idx)))
+            z = self.likelihood(f.loc, f.variance, yb)
+        if not self.target_scaled:
+            return z
+        return self._squeeze(self.y_loc) + self._squeeze(self.y_scale) * z  # in y's units
 
     @pyro_method
     def guide(self, X: Tensor | None = None, y: Tensor | None = None, **kwargs):
@@ -404,6 +492,8 @@ class DeepKernelMachine(PyroModule):
         K, K_tril, kls = self.forward_blocks(X)
         mean, var = self.output.marginals(*conditional_weights(K, K_tril))
         ell = self.expected_log_likelihood(mean, var, y).sum()
+        if self.target_scaled:  # the Jacobian of z = (y - y_loc) / y_scale
+            ell = ell - X.shape[0] * self.y_scale.log().sum()
         if num_data is not None:
             ell = ell * (num_data / X.shape[0])
         kl_u = self.output.kl_to_prior(K_tril)
@@ -464,12 +554,12 @@ class DeepKernelMachine(PyroModule):
             variances.append(var)
         mean, var = self._squeeze(torch.cat(means)), self._squeeze(torch.cat(variances))
         if not include_noise:
-            return torch.distributions.Normal(mean, var.clamp_min(0).sqrt())
+            return self._unscale(torch.distributions.Normal(mean, var.clamp_min(0).sqrt()))
         lik = self.likelihood
         if isinstance(lik, Categorical) and num_samples is not None:
             return torch.distributions.Categorical(
                 probs=torch.softmax(lik._draws(mean, var, int(num_samples)), -1).mean(0))
-        return lik.predictive(mean, var)
+        return self._unscale(lik.predictive(mean, var))
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:

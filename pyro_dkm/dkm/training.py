@@ -76,6 +76,7 @@ def fit(
     closed_form_loss: bool = True,
     batch_seed: int | None = None,
     distributed: bool | None = None,
+    standardise: bool | None = None,
 ) -> FitResult:
     """Train a :class:`~pyro_dkm.dkm.DeepKernelMachine` (or an
     :class:`~pyro_dkm.dkm.ExactDeepKernelMachine`) in place.
@@ -111,6 +112,12 @@ def fit(
         distributed: ``None`` (default): data-parallel when a ``torch.distributed`` process
             group of more than one rank is initialised (:mod:`pyro_dkm.distributed`: each
             rank its part of every global minibatch, gradients summed); ``False``: never.
+        standardise: model the targets standardised by the training ``y``'s mean and
+            standard deviation (:meth:`~pyro_dkm.dkm.DeepKernelMachine.set_target_scaling`;
+            predictions come back in ``y``'s units), which makes the fit equivariant to
+            ``y``'s units and offset. ``None`` (default): for a Gaussian or Student-t
+            likelihood; ``False``: leave the model's scaling as it is. An
+            ``ExactDeepKernelMachine`` standardises in its constructor.
     """
     from ..distributed import DataParallel
     from .exact import ExactDeepKernelMachine
@@ -135,6 +142,9 @@ def fit(
         if batch_size is not None:
             raise ValueError("an ExactDeepKernelMachine trains on the full data: batch_size must "
                              "be None")
+        if standardise is not None:
+            raise ValueError("an ExactDeepKernelMachine standardises its targets in its "
+                             "constructor (standardise=...): leave fit's standardise unset")
     else:
         X = model._check_X(X)
         model._check_y(y, X.shape[0])
@@ -152,6 +162,8 @@ def fit(
         X, y = X[perm[n_val:]], y[perm[n_val:]]
     if (X_val is None) != (y_val is None):
         raise ValueError("give both X_val and y_val")
+    if not exact and (standardise or (standardise is None and model.location_scale)):
+        model.set_target_scaling(y)  # statistics of the training part only
     if patience is not None and X_val is None:
         raise ValueError("patience (early stopping) needs validation data: X_val/y_val or "
                          "val_fraction")

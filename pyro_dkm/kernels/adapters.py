@@ -41,6 +41,26 @@ def check_kernel(kernel) -> Callable:
     return kernel
 
 
+def check_gpytorch_inputs(x1, x2=None) -> None:
+    """Clear errors for a GPyTorch kernel call's inputs before GPyTorch's own machinery
+    sees them (which fails with ``AttributeError``/``RuntimeError`` deep inside)."""
+    for name, x in (("x1", x1), ("x2", x2)):
+        if x is None:
+            continue
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__} "
+                            f"(convert with torch.as_tensor(x, dtype=torch.float64))")
+        if x.dim() == 0:
+            raise ValueError(f"{name} must have at least one dimension, got a scalar")
+    if x2 is not None:
+        if x1.dim() != x2.dim():
+            raise ValueError(f"x1 and x2 must have the same number of dimensions, got shapes "
+                             f"{tuple(x1.shape)} and {tuple(x2.shape)}")
+        if x1.dim() > 1 and x1.shape[-1] != x2.shape[-1]:
+            raise ValueError(f"x1 and x2 must have the same number of features (last "
+                             f"dimension), got shapes {tuple(x1.shape)} and {tuple(x2.shape)}")
+
+
 def _call(kernel, X: Tensor, Z: Tensor | None, diag: bool) -> Tensor:
     if diag:
         return kernel(X, diag=True)
@@ -132,6 +152,12 @@ class GPyTorchKernel(gpytorch.kernels.Kernel):
     def __init__(self, kernel, **kwargs):
         super().__init__(**kwargs)
         self.base = check_kernel(kernel)
+
+    def __call__(self, x1, x2=None, diag: bool = False, last_dim_is_batch: bool = False,
+                 **params):
+        check_gpytorch_inputs(x1, x2)
+        return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch,
+                                **params)
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, **params) -> Tensor:
         if params.get("last_dim_is_batch", False):

@@ -39,7 +39,7 @@ def test_initial_exact_dkm_is_nngp_regression():
     # input-space implementation, pyro_dkm.kernels.nngp). 1e-8.
     X, y = toy_regression(20)
     Xt, _ = toy_regression(7, seed=4)
-    m = ExactDeepKernelMachine(X, y, depth=2, nu=1.0, noise=0.1)
+    m = ExactDeepKernelMachine(X, y, depth=2, nu=1.0, noise=0.1, standardise=False)
     mean, var = _nngp_regression(X, y, Xt, 0.1, depth=2)
     p = m.predict(Xt)
     torch.testing.assert_close(p.loc, mean, rtol=1e-8, atol=1e-9)
@@ -55,8 +55,8 @@ def test_large_nu_optimum_is_the_nngp():
     devs = {}
     for nu in (1e2, 1e4):
         pyro.clear_param_store()
-        m = _lbfgs(ExactDeepKernelMachine(X, y, depth=1, nu=nu, noise=0.1), iters=100,
-                   grams_only=True, rounds=2)
+        m = _lbfgs(ExactDeepKernelMachine(X, y, depth=1, nu=nu, noise=0.1, standardise=False),
+                   iters=100, grams_only=True, rounds=2)
         G = m.gram_layers[0].inducing_gram.detach()
         K = _nngp_fn(0)(X)
         devs[nu] = float((G - K).norm() / K.norm())
@@ -76,7 +76,7 @@ def test_gradient_vanishes_at_converged_optimum_and_stationarity_holds():
     # layer d log P(y|G)/dG = nu dKL/dG = nu/2 (K^-1 - G^-1), to 1e-3.
     X, y = toy_regression(12)
     nu = 0.5
-    m = ExactDeepKernelMachine(X, y, depth=1, nu=nu, noise=0.1)
+    m = ExactDeepKernelMachine(X, y, depth=1, nu=nu, noise=0.1, standardise=False)
     params = [p for n, p in m.named_parameters() if "gram" in n]
 
     def gnorm():
