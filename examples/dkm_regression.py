@@ -18,6 +18,7 @@ import argparse
 import math
 import time
 
+import numpy as np
 import torch
 
 from pyro_dkm.datasets import load_uci
@@ -118,11 +119,15 @@ def main():
 
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, losses in curves.items():
-            ax.plot(losses, label=name)
+            line, = ax.plot(losses, lw=0.6, alpha=0.4)
+            w = 15  # a moving average shows the trend under the minibatch noise
+            smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
+            ax.plot(np.arange(w - 1, len(losses)), smooth, color=line.get_color(), label=name)
         ax.set_xlabel("step")
-        ax.set_ylabel("negative objective per point")
-        ax.set_yscale("symlog")
+        ax.set_ylabel("negative objective per point (standardised y)")
+        ax.set_title("concrete: training curves (faint: per step; solid: 15-step mean)")
         ax.legend()
+        ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
         print(f"\nwrote {args.plot}")
