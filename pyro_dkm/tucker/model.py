@@ -134,6 +134,22 @@ class FunctionalTucker:
         ALS with penalty ``init_reg``, coordinates as categories) or ``"random"`` (prior draws).
     :param schedule: ``"parallel"`` (all modes' messages from the same state,
         one Kalman pass batched over modes) or ``"sequential"`` (mode by mode).
+    :param modes: ``"continuous"`` (a Matern GP over the coordinate, default) or
+        ``"discrete"`` (an independent ``N(0, variance)`` embedding per coordinate value:
+        the index as a category; unseen values predict from the prior), scalar or per mode.
+    :param learn_hyperparameters: learn each mode's lengthscale and variance (discrete
+        modes: the variance) by maximising the evidence of its factor messages, the
+        Kalman-filter marginal likelihood ``log int p(u | ell, s2) prod_t m_t(u_t) du``
+        (for fixed messages this is the part of the EP energy that depends on the prior),
+        every ``hyper_every`` sweeps from sweep 3 on (L-BFGS in log space);
+        ``rank_lengthscales``: one lengthscale per rank component (a component may become
+        nearly constant, an additive effect of the other modes). Lengthscales
+        well below the coordinate spacing are reachable (the exact discretisation has no
+        step-size limit).
+    :param standardise: fit ``(values - mean) / std`` and report predictions and the noise
+        in the values' units (values already standardised, to 1e-12, pass unchanged);
+        ``False`` (default): values of extreme spread (outside [1e-2, 1e2]) are fitted in
+        units of their power-of-ten scale, others as they are.
     """
 
     def __init__(
@@ -156,6 +172,11 @@ class FunctionalTucker:
         init_iter: int = 10,
         dtype: torch.dtype = torch.float64,
         progress: bool = True,
+        modes=None,
+        learn_hyperparameters: bool = False,
+        hyper_every: int = 5,
+        rank_lengthscales: bool = False,
+        standardise: bool = False,
     ):
         if isinstance(ranks, int) or not hasattr(ranks, "__len__"):
             raise TypeError(f"ranks must be a sequence of ints (one per mode), got {ranks!r}")
@@ -195,6 +216,18 @@ class FunctionalTucker:
             raise ValueError("init_reg and init_iter must be >= 0")
         if schedule not in ("parallel", "sequential"):
             raise ValueError(f"schedule must be 'parallel' or 'sequential', got {schedule!r}")
+        self.modes = [str(v) for v in _per_mode("continuous" if modes is None else modes, K,
+                                                 "modes")]
+        for v in self.modes:
+            if v not in ("continuous", "discrete"):
+                raise ValueError(f"modes must be 'continuous' or 'discrete' (per mode), got {v!r}")
+        if not isinstance(hyper_every, int) or hyper_every < 1:
+            raise ValueError(f"hyper_every must be a positive int, got {hyper_every!r}")
+        self.learn_hyperparameters = bool(learn_hyperparameters)
+        self._initial_hyper = (list(self.lengthscale), list(self.variance))
+        self.hyper_every = hyper_every
+        self.rank_lengthscales = bool(rank_lengthscales)
+        self.standardise = bool(standardise)
         self.core_type = core
         self.core_prior_scale = float(core_prior_scale)
         self.a0, self.b0 = float(a0), float(b0)
@@ -264,9 +297,13 @@ class FunctionalTucker:
         self._ssm = []
         self._AQ = []
         for k in range(self.K):
+            if self.modes[k] == "discrete":
+                self._ssm.append(None)
+                self._AQ.append(None)
+                continue
             ssm = matern_ssm(
                 self.nu[k],
-                torch.full((self.ranks[k],), self.lengthscale[k], dtype=dt_, device=dev),
+                self._rank_ell[k].to(dt_).expand(self.ranks[k]).to(dev),
                 self.variance[k],
                 dtype=dt_,
                 device=dev,
@@ -278,7 +315,17 @@ class FunctionalTucker:
             self._AQ.append((A, Q))
 
     def _run_chains(self, modes: list[int]):
-        """Kalman filter + RTS smoother for the listed modes, batched; updates u moments."""
+        """Kalman filter + RTS smoother for the listed modes, batched; updates u moments.
+        Discrete modes: the closed-form product of the N(0, variance) prior and the
+        messages, per coordinate value."""
+        for k in [k for k in modes if self.modes[k] == "discrete"]:
+            prec = self.msg_lam[k] + 1.0 / self.variance[k]
+            self.u_mean[k] = self.msg_eta[k] / prec
+            self.u_var[k] = 1.0 / prec
+            self._states[k] = None
+        modes = [k for k in modes if self.modes[k] == "continuous"]
+        if not modes:
+            return
         Tm = max(self.unique_coords[k].shape[0] for k in modes)
         dm = max(self._ssm[k].state_dim for k in modes)
         As, Qs, P0s, lams, etas = [], [], [], [], []
@@ -318,6 +365,64 @@ class FunctionalTucker:
                 smooth.mean[sl, :T, :d].clone(),
                 smooth.cov[sl, :T, :d, :d].clone(),
             )
+
+    def _message_evidence(self, k: int, log_ell: Tensor, log_var: Tensor) -> Tensor:
+        """log int p(u^k | ell, s2) prod_t m_t(u^k_t) du^k summed over the rank, up to
+        the messages' constants (differentiable in ``log_ell``, ``log_var``)."""
+        lam, eta = self.msg_lam[k], self.msg_eta[k]
+        var = log_var.exp()
+        if self.modes[k] == "discrete":
+            obs = lam > 0
+            safe = torch.where(obs, lam, torch.ones_like(lam))
+            v = var + 1.0 / safe
+            ll = -0.5 * (torch.log(v) + (eta / safe) ** 2 / v)
+            return torch.where(obs, ll, torch.zeros_like(ll)).sum()
+        R = self.ranks[k]
+        ssm = matern_ssm(self.nu[k], log_ell.exp().expand(R), var.expand(R), dtype=self.dtype)
+        # (log_ell may hold one lengthscale per rank component: rank_lengthscales=True)
+        u = self.unique_coords[k]
+        gaps = torch.cat([u.new_zeros(1), u.diff()])
+        A, Q = discretise(ssm, gaps.expand(R, -1))
+        return kalman_filter(A, Q, ssm.P_inf, lam, eta).log_marginal.sum()
+
+    def _learn_mode_hyperparameters(self, k: int, max_iter: int = 15) -> None:
+        """Maximise :meth:`_message_evidence` over mode ``k``'s (log) lengthscale and
+        variance with L-BFGS (lengthscale within [1e-4, 10] x the coordinates' span)."""
+        if not bool((self.msg_lam[k] > 0).any()):
+            return
+        u = self.unique_coords[k]
+        span = float(u[-1] - u[0]) if u.shape[0] > 1 else 1.0
+        span = span if span > 0 else 1.0
+        lo, hi = math.log(1e-4 * span), math.log(10.0 * span)
+        ell0 = torch.as_tensor(self._rank_ell[k], dtype=self.dtype)
+        log_ell = ell0.log().clone().requires_grad_(True)
+        log_var = torch.tensor(math.log(self.variance[k]), dtype=self.dtype, requires_grad=True)
+        params = [log_var] if self.modes[k] == "discrete" else [log_ell, log_var]
+        opt = torch.optim.LBFGS(params, max_iter=max_iter, line_search_fn="strong_wolfe")
+        start = [p.detach().clone() for p in params]
+
+        def closure():
+            opt.zero_grad()
+            loss = -self._message_evidence(k, log_ell.clamp(lo, hi), log_var.clamp(-12, 12))
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            before = float(closure().detach())
+            opt.step(closure)
+            after = float(closure().detach())
+        if not math.isfinite(after) or after > before:  # keep the old values
+            for p, s0 in zip(params, start):
+                p.data.copy_(s0)
+        self._rank_ell[k] = log_ell.detach().clamp(lo, hi).exp()
+        self.lengthscale[k] = float(self._rank_ell[k].log().mean().exp())  # geometric mean
+        self.variance[k] = float(log_var.detach().clamp(-12, 12).exp())
+        if self.modes[k] == "continuous":
+            ssm = matern_ssm(self.nu[k], self._rank_ell[k].expand(self.ranks[k]),
+                             self.variance[k], dtype=self.dtype)
+            gaps = torch.cat([u.new_zeros(1), u.diff()])
+            self._ssm[k] = ssm
+            self._AQ[k] = discretise(ssm, gaps.expand(self.ranks[k], -1))
 
     # ------------------------------------------------------------------ fit
     def fit(self, coords, values):
@@ -362,9 +467,23 @@ class FunctionalTucker:
         # priors are meant to work; predictions and the noise variance are reported in the
         # values' own units. Values of ordinary spread are fitted as they are (the ALS start
         # is sensitive to the scale: 3.8-spread data divided by 10 collapsed once)
-        self._y_scale = power_of_ten_scale(y, ordinary=(1e-2, 1e2))
-        y = y / self._y_scale
+        if self.standardise:
+            loc, scale = float(y.mean()), float(y.std(correction=0))
+            if not scale > 0:
+                scale = 1.0
+            if abs(loc) < 1e-12 and abs(scale - 1.0) < 1e-12:
+                loc, scale = 0.0, 1.0
+            self._y_loc, self._y_scale = loc, scale
+        else:
+            self._y_loc, self._y_scale = 0.0, power_of_ten_scale(y, ordinary=(1e-2, 1e2))
+        y = (y - self._y_loc) / self._y_scale
         gen = torch.Generator().manual_seed(self.seed if self.seed is not None else torch.seed())
+        # every fit starts from the constructor's hyper-parameters (learning changes them)
+        self.lengthscale, self.variance = (list(v) for v in self._initial_hyper)
+        # per rank component (rank_lengthscales) or one shared value per mode
+        self._rank_ell = [torch.full((self.ranks[k],) if self.rank_lengthscales else (1,),
+                                     self.lengthscale[k], dtype=self.dtype)
+                          for k in range(self.K)]
         self.unique_coords, self._idx = [], []
         for k in range(self.K):
             u, inv = torch.unique(coords[:, k], sorted=True, return_inverse=True)
@@ -417,6 +536,8 @@ class FunctionalTucker:
             rho = self.damping if it > 0 else 1.0
             w_mean, w_second = self._core_moments()
             for modes in groups:
+                learn = (self.learn_hyperparameters and it >= 3
+                         and (it - 3) % self.hyper_every == 0)
                 new = [
                     factor_messages(
                         self.u_mean, self.u_var, self._idx, y, k, Etau, w_mean, w_second,
@@ -427,6 +548,8 @@ class FunctionalTucker:
                 for k, (lam, eta) in zip(modes, new):
                     self.msg_lam[k] = (1 - rho) * self.msg_lam[k] + rho * lam
                     self.msg_eta[k] = (1 - rho) * self.msg_eta[k] + rho * eta
+                    if learn:
+                        self._learn_mode_hyperparameters(k)
                 self._run_chains(modes)
             self._update_core_and_noise(y, yy)
             f = self._mean_at(self._idx)
@@ -479,8 +602,15 @@ class FunctionalTucker:
         x = torch.as_tensor(x, dtype=self.dtype).reshape(-1)
         if not torch.isfinite(x).all():
             raise ValueError("coordinates must be finite")
-        m_f, P_f, m_s, P_s = self._states[k]
         u = self.unique_coords[k]
+        if self.modes[k] == "discrete":  # seen values: the posterior; unseen: the prior
+            pos = torch.searchsorted(u, x.contiguous()).clamp_max(u.shape[0] - 1)
+            seen = u[pos] == x
+            mean = torch.where(seen, self.u_mean[k][:, pos], torch.zeros_like(x))
+            var = torch.where(seen, self.u_var[k][:, pos],
+                              torch.full_like(x, self.variance[k]))
+            return mean.T, var.T
+        m_f, P_f, m_s, P_s = self._states[k]
         xq, inv = torch.unique(x, sorted=True, return_inverse=True)
         U, Mq, R = u.shape[0], xq.shape[0], self.ranks[k]
         pos = torch.searchsorted(u, xq)
@@ -533,10 +663,17 @@ class FunctionalTucker:
 
         if not self.fitted:
             raise RuntimeError("call fit() before pyro_model()")
-        if getattr(self, "_y_scale", 1.0) != 1.0:
-            raise ValueError(f"pyro_model() needs a fit on values of O(1) spread (these were "
-                             f"fitted in units of {self._y_scale:g}); divide the values by "
-                             f"that, refit, and scale the Pyro model's entries back")
+        if self.rank_lengthscales:
+            raise ValueError("pyro_model() needs one lengthscale per mode "
+                             "(rank_lengthscales=False)")
+        if "discrete" in self.modes:
+            raise ValueError("pyro_model() supports continuous modes only (this model has "
+                             f"modes={self.modes})")
+        if getattr(self, "_y_scale", 1.0) != 1.0 or getattr(self, "_y_loc", 0.0) != 0.0:
+            raise ValueError(f"pyro_model() needs a fit on values as they are (these were "
+                             f"fitted as (values - {self._y_loc:g}) / {self._y_scale:g}); "
+                             f"transform the values so, refit with standardise=False, and "
+                             f"map the Pyro model's entries back")
         grids = [u.clone() for u in self.unique_coords]
         if coords is not None:
             coords, _ = check_tensor_data(coords, n_modes=self.K, dtype=self.dtype)
@@ -576,7 +713,7 @@ class FunctionalTucker:
             Ef2.append(torch.einsum(",".join(subs) + "->n", W2, *Es))
         var = (torch.cat(Ef2) - mean**2).clamp_min(0)
         s = getattr(self, "_y_scale", 1.0)  # fit units -> the values' units
-        mean, var = mean * s, var * s * s
+        mean, var = mean * s + getattr(self, "_y_loc", 0.0), var * s * s
         if include_noise:
             var = var + self.noise_variance
         return MomentNormal(mean, var)

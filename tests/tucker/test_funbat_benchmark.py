@@ -27,7 +27,8 @@ def test_funbat_benchmark_quick(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     models = {r["model"] for r in rows if r["dataset"] == "beijing_pm25"}
     assert models == {"funbat-tucker-2", "funbat-cp-2", "discrete-tucker-2", "discrete-cp-2",
-                      "sgp"}
+                      "sgp", "funbat-selected", "discrete-selected", "index-mean-0",
+                      "index-mean-1", "index-mean-2", "index-mean-best", "extra-trees"}
     for r in rows:
         if r["dataset"] == "beijing_pm25":
             assert r["metric"] in ("rmse", "mae", "fit_time") and r["n"] == 1
@@ -35,6 +36,7 @@ def test_funbat_benchmark_quick(tmp_path):
     assert {r["model"] for r in rows if r["dataset"] == "synthetic"} == {
         "funbat-tucker-3 N=1000", "funbat-tucker-3 N=4000"}
     assert "Summary: beijing_pm25: best FunBaT" in res.stdout
+    assert "validation-selected FunBaT RMSE" in res.stdout
     assert "linear in N" in res.stdout
     # each FunBaT model is fitted from two ALS-start seeds, kept by validation RMSE
     per_restart = [line for line in res.stderr.splitlines()
