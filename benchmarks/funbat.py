@@ -224,11 +224,17 @@ def main(argv=None):
     p.add_argument("--hyper-every", type=int, default=20,
                    help="with --learn: sweeps between evidence steps")
     p.add_argument("--nu", type=float, default=1.5, help="FunBaT Matern smoothness")
+    p.add_argument("--hyper-rounds", type=int, default=None,
+                   help="with --learn: number of evidence steps (default: every --hyper-every "
+                        "sweeps to the end)")
+    p.add_argument("--only-folds", default=None,
+                   help="comma-separated fold numbers to run (default: 0 .. --folds - 1)")
     a = p.parse_args(argv)
     FUNBAT_OPTIONS.clear()
     FUNBAT_OPTIONS.update(damping=a.damping, nu=a.nu)
     if a.learn:
         FUNBAT_OPTIONS.update(learn_hyperparameters=True, hyper_every=a.hyper_every,
+                              hyper_rounds=a.hyper_rounds,
                               rank_lengthscales=a.rank_lengthscales)
     if a.restarts < 1:
         p.error(f"--restarts must be >= 1, got {a.restarts}")
@@ -248,7 +254,9 @@ def main(argv=None):
         a.tune_iter = 3
     results: dict = {}
     for name in names:
-        for fold in range(folds):
+        fold_list = (range(folds) if a.only_folds is None or a.quick
+                     else [int(f) for f in a.only_folds.split(",")])
+        for fold in fold_list:
             d = load_tensor_fold(tdir / f"{name}.npz", fold)
             if a.quick:
                 for part, n in (("train", 2000), ("test", 500)):

@@ -30,8 +30,8 @@ from torch import Tensor
 from .._training import power_of_ten_scale
 from ..linalg import cholesky, cholesky_solve
 from .als import als_fit
-from .kalman import condition_on_neighbours, kalman_filter, rts_smoother
-from .moments import core_statistics, factor_messages
+from .kalman import FilterResult, condition_on_neighbours, kalman_filter, rts_smoother
+from .moments import core_statistics, factor_messages, factor_statistics
 from .ssm import _check_nu, discretise, matern_ssm
 
 __all__ = ["FunctionalTucker", "MomentNormal", "CollapsedFitWarning", "check_tensor_data"]
@@ -141,7 +141,8 @@ class FunctionalTucker:
         modes: the variance) by maximising the evidence of its factor messages, the
         Kalman-filter marginal likelihood ``log int p(u | ell, s2) prod_t m_t(u_t) du``
         (for fixed messages this is the part of the EP energy that depends on the prior),
-        every ``hyper_every`` sweeps from sweep 3 on (L-BFGS in log space);
+        every ``hyper_every`` sweeps from sweep 3 on, ``hyper_rounds`` times (default: to
+        the end; L-BFGS in log space);
         ``rank_lengthscales``: one lengthscale per rank component (a component may become
         nearly constant, an additive effect of the other modes). Lengthscales
         well below the coordinate spacing are reachable (the exact discretisation has no
@@ -175,6 +176,7 @@ class FunctionalTucker:
         modes=None,
         learn_hyperparameters: bool = False,
         hyper_every: int = 5,
+        hyper_rounds: int | None = None,
         rank_lengthscales: bool = False,
         standardise: bool = False,
     ):
@@ -226,6 +228,9 @@ class FunctionalTucker:
         self.learn_hyperparameters = bool(learn_hyperparameters)
         self._initial_hyper = (list(self.lengthscale), list(self.variance))
         self.hyper_every = hyper_every
+        if hyper_rounds is not None and (not isinstance(hyper_rounds, int) or hyper_rounds < 1):
+            raise ValueError(f"hyper_rounds must be None or a positive int, got {hyper_rounds!r}")
+        self.hyper_rounds = hyper_rounds
         self.rank_lengthscales = bool(rank_lengthscales)
         self.standardise = bool(standardise)
         self.core_type = core
@@ -365,6 +370,7 @@ class FunctionalTucker:
                 smooth.mean[sl, :T, :d].clone(),
                 smooth.cov[sl, :T, :d, :d].clone(),
             )
+            self._pred[k] = (filt.m_pred[sl, :T, :d].clone(), filt.P_pred[sl, :T, :d, :d].clone())
 
     def _message_evidence(self, k: int, log_ell: Tensor, log_var: Tensor) -> Tensor:
         """log int p(u^k | ell, s2) prod_t m_t(u^k_t) du^k summed over the rank, up to
@@ -385,7 +391,7 @@ class FunctionalTucker:
         A, Q = discretise(ssm, gaps.expand(R, -1))
         return kalman_filter(A, Q, ssm.P_inf, lam, eta).log_marginal.sum()
 
-    def _learn_mode_hyperparameters(self, k: int, max_iter: int = 15) -> None:
+    def _learn_mode_hyperparameters(self, k: int, max_iter: int = 10) -> None:
         """Maximise :meth:`_message_evidence` over mode ``k``'s (log) lengthscale and
         variance with L-BFGS (lengthscale within [1e-4, 10] x the coordinates' span)."""
         if not bool((self.msg_lam[k] > 0).any()):
@@ -499,6 +505,7 @@ class FunctionalTucker:
         self.msg_lam = [torch.zeros_like(m) for m in self.u_mean]
         self.msg_eta = [torch.zeros_like(m) for m in self.u_mean]
         self._states = [None] * self.K
+        self._pred = [None] * self.K  # filter predictions (for streaming and smoothing)
         P = math.prod(self.ranks) if self.core_type == "tucker" else self.ranks[0]
         # start away from the degenerate all-zero fixed point: core N(0, s^2) (CP: ones),
         # small core covariance, and the noise precision at 1 / var(y)
@@ -536,8 +543,9 @@ class FunctionalTucker:
             rho = self.damping if it > 0 else 1.0
             w_mean, w_second = self._core_moments()
             for modes in groups:
-                learn = (self.learn_hyperparameters and it >= 3
-                         and (it - 3) % self.hyper_every == 0)
+                j, r = divmod(it - 3, self.hyper_every)
+                learn = (self.learn_hyperparameters and it >= 3 and r == 0
+                         and (self.hyper_rounds is None or j < self.hyper_rounds))
                 new = [
                     factor_messages(
                         self.u_mean, self.u_var, self._idx, y, k, Etau, w_mean, w_second,
@@ -589,6 +597,123 @@ class FunctionalTucker:
         """Posterior mean of the noise variance, E[1/tau] = b / (a - 1), in the values'
         units."""
         return self.tau_b / max(self.tau_a - 1.0, 1e-12) * getattr(self, "_y_scale", 1.0) ** 2
+
+    # ------------------------------------------------------------------ streaming
+    @torch.no_grad()
+    def partial_fit(self, coords, values, *, mode: int | None = None,
+                    inner_iter: int = 10) -> "FunctionalTucker":
+        """Absorb new entries that arrive in order along the streaming ``mode`` (default
+        the last one, a continuous mode: time), at coordinates beyond every one absorbed
+        so far; the other modes' coordinates may be new (their factors are read from the
+        posterior there: interpolated by the GP, a discrete mode's prior).
+
+        Assumed-density filtering in time: the Kalman filter of ``mode`` continues from its
+        last filtered state over the new coordinates, one step each; at a step, the new
+        entries' mean-field messages (their moments under the other modes' posteriors and
+        the core) are absorbed at their fixed point over the rank components
+        (``inner_iter`` Gauss-Seidel passes).
+        Cost linear in the new entries and coordinates; the other modes, the core and the
+        noise are held. The result does not depend on how the stream is cut into calls
+        (one call with everything = many small ones). New coordinates hold filtered
+        moments until :meth:`smooth`, whose RTS pass gives the batch smoother of all
+        messages (tested against the parallel-scan smoother). Predictions at coordinates
+        beyond the last are forecasts.
+        """
+        if not self.fitted:
+            raise RuntimeError("call fit() before partial_fit()")
+        k = self.K - 1 if mode is None else mode
+        if not isinstance(k, int) or not 0 <= k < self.K:
+            raise ValueError(f"mode must be an int in [0, {self.K}), got {mode!r}")
+        if self.modes[k] != "continuous":
+            raise ValueError(f"the streaming mode must be continuous, mode {k} is "
+                             f"{self.modes[k]}")
+        coords, y = check_tensor_data(coords, values, n_modes=self.K, dtype=self.dtype)
+        y = (y - self._y_loc) / self._y_scale
+        last = float(self.unique_coords[k][-1])
+        t = coords[:, k]
+        if bool((t <= last).any()):
+            raise ValueError(f"partial_fit streams in order along mode {k}: every new entry's "
+                             f"mode-{k} coordinate must be > the last one absorbed ({last:g}), "
+                             f"got a minimum of {float(t.min()):g}")
+        # the other modes' moments at the new entries' coordinates (posterior at seen
+        # values, the GP's interpolation at unseen ones), grouped per unique value
+        idx, ph_mean, ph_var = [], [], []
+        for j in range(self.K):
+            uj, inv = torch.unique(coords[:, j], sorted=True, return_inverse=True)
+            idx.append(inv)
+            if j == k:
+                new_u = uj
+                ph_mean.append(uj.new_zeros(self.ranks[k], uj.shape[0]))
+                ph_var.append(torch.zeros_like(ph_mean[-1]))
+            else:
+                mean, var = self.factor_posterior(j, uj)
+                ph_mean.append(mean.T.contiguous())
+                ph_var.append(var.T.contiguous())
+        R, U = self.ranks[k], new_u.shape[0]
+        w_mean, w_second = self._core_moments()
+        Eaa, Eay = factor_statistics(ph_mean, ph_var, idx, y, k, w_mean, w_second, self.ranks,
+                                     cp=self.core_type == "cp")
+        Etau = self.tau_a / self.tau_b
+        gaps = torch.cat([new_u[:1] - last, new_u.diff()])
+        A, Q = discretise(self._ssm[k], gaps.expand(R, -1))
+        m_f, P_f, m_s, P_s = self._states[k]
+        m, P = m_f[:, -1], P_f[:, -1]
+        out = {n: [] for n in ("m_pred", "P_pred", "m_filt", "P_filt", "lam", "eta")}
+        for step in range(U):  # one Kalman step per new coordinate
+            m = (A[:, step] @ m.unsqueeze(-1)).squeeze(-1)
+            P = A[:, step] @ P @ A[:, step].mT + Q[:, step]
+            P = 0.5 * (P + P.mT)
+            out["m_pred"].append(m)
+            out["P_pred"].append(P)
+            # the step's mean-field fixed point over the rank components (Gauss-Seidel: a
+            # component's message uses the others' current filtered means; one Jacobi step
+            # from the prediction overshoots when the components are correlated)
+            E, h = Eaa[step], Eay[step]
+            lam = Etau * E.diagonal()
+            gain = P[:, :, 0]
+            S = 1.0 + lam * P[:, 0, 0]
+            mf = m.clone()
+            eta = torch.zeros_like(lam)
+            for _ in range(inner_iter):
+                for r in range(R):
+                    cross = E[r] @ mf[:, 0] - E[r, r] * mf[r, 0]
+                    eta[r] = Etau * (h[r] - cross)
+                    mf[r] = m[r] + gain[r] * (eta[r] - lam[r] * m[r, 0]) / S[r]
+            P = P - (lam / S)[:, None, None] * gain.unsqueeze(-1) * gain.unsqueeze(-2)
+            m, P = mf, 0.5 * (P + P.mT)
+            for n, v in (("m_filt", m), ("P_filt", P), ("lam", lam), ("eta", eta.clone())):
+                out[n].append(v)
+        st = {n: torch.stack(v, 1) for n, v in out.items()}
+        self.unique_coords[k] = torch.cat([self.unique_coords[k], new_u])
+        self.msg_lam[k] = torch.cat([self.msg_lam[k], st["lam"]], 1)
+        self.msg_eta[k] = torch.cat([self.msg_eta[k], st["eta"]], 1)
+        A0, Q0 = self._AQ[k]
+        self._AQ[k] = (torch.cat([A0, A], 1), torch.cat([Q0, Q], 1))
+        mp, Pp = self._pred[k]
+        self._pred[k] = (torch.cat([mp, st["m_pred"]], 1), torch.cat([Pp, st["P_pred"]], 1))
+        self._states[k] = (torch.cat([m_f, st["m_filt"]], 1), torch.cat([P_f, st["P_filt"]], 1),
+                           torch.cat([m_s, st["m_filt"]], 1), torch.cat([P_s, st["P_filt"]], 1))
+        self.u_mean[k] = torch.cat([self.u_mean[k], st["m_filt"][..., 0]], 1)
+        self.u_var[k] = torch.cat([self.u_var[k], st["P_filt"][..., 0, 0].clamp_min(0)], 1)
+        self._stream_mode = k
+        return self
+
+    @torch.no_grad()
+    def smooth(self, mode: int | None = None) -> "FunctionalTucker":
+        """RTS smoothing pass over the streaming mode's whole chain (after
+        :meth:`partial_fit`): the posterior of every coordinate given every message."""
+        if not self.fitted:
+            raise RuntimeError("call fit() before smooth()")
+        k = getattr(self, "_stream_mode", self.K - 1) if mode is None else mode
+        if self.modes[k] != "continuous":
+            raise ValueError(f"mode {k} is discrete: nothing to smooth")
+        m_f, P_f, _, _ = self._states[k]
+        m_p, P_p = self._pred[k]
+        sm = rts_smoother(self._AQ[k][0], FilterResult(m_p, P_p, m_f, P_f, None))
+        self._states[k] = (m_f, P_f, sm.mean, sm.cov)
+        self.u_mean[k] = sm.mean[..., 0].clone()
+        self.u_var[k] = sm.cov[..., 0, 0].clamp_min(0).clone()
+        return self
 
     # ------------------------------------------------------------------ predict
     def factor_posterior(self, k: int, x) -> tuple[Tensor, Tensor]:
