@@ -234,3 +234,29 @@ def test_type_two_ml_fits_rescale_with_the_targets():
             p = m.predict(Xt)
             torch.testing.assert_close(p.mean / c, p0.mean, rtol=1e-8, atol=1e-10)
             torch.testing.assert_close(p.stddev / c, p0.stddev, rtol=1e-8, atol=1e-10)
+
+
+def test_scale_mixture_regression_fit_rescales_with_the_targets():
+    # the scale prior is on the dimensionless multiplier of a kernel whose unset variance and
+    # noise are relative to y's scale, so an absolute prior (InvGamma(2, 2)) still gives a fit
+    # of c y that is the fit of y rescaled (predictive mean x c, variance x c^2, to 1e-9)
+    import pyro.distributions as dist
+
+    from pyro_dkm.processes import ScaleMixtureRegression, fit
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    y = torch.sin(X[:, 0]) + 0.1 * torch.randn(30, generator=g, dtype=torch.float64)
+    Xt = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    prior = dist.InverseGamma(torch.tensor(2.0, dtype=torch.float64),
+                              torch.tensor(2.0, dtype=torch.float64))
+    preds = {}
+    for c in (1.0, 1e4, 1e-4):
+        m = ScaleMixtureRegression(X, c * y, prior)
+        fit(m, steps=60)
+        with torch.no_grad():
+            p = m.predict(Xt)
+            preds[c] = (p.mean / c, p.variance / c**2)
+    for c in (1e4, 1e-4):
+        torch.testing.assert_close(preds[c][0], preds[1.0][0], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(preds[c][1], preds[1.0][1], rtol=1e-9, atol=1e-12)
