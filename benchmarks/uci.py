@@ -1,4 +1,4 @@
-"""UCI regression: sparse DKM (2 Gram layers; plain and ARD) vs SVGP vs 2-layer deep GP vs NNGP.
+"""UCI regression: sparse DKM (plain and ARD) vs SVGP vs 2-layer deep GP vs NNGP vs ARD-RBF GP.
 
 For each dataset folder under ``<data-dir>/uci`` (discovered from the folder) and each
 standard split: standardise with training statistics, train every model with the same
@@ -11,7 +11,12 @@ many datasets the DKM's test log-likelihood is >= the deep GP's.
     python benchmarks/uci.py --quick            # smoke run, < 1 minute
 
 NNGP is exact GP regression (O(N^3)); on training sets larger than ``--nngp-max-train``
-it is fitted on a random subset of that size (stated in the model name).
+it is fitted on a random subset of that size (stated in the model name). GP-ARD is an
+exact GP with an ARD RBF kernel and a constant mean (GPyTorch), hyper-parameters by the
+exact marginal likelihood (``--gp-steps`` Adam steps, lr 0.1), on at most
+``--gp-max-train`` training points. ``--depth`` and ``--kernel`` set the DKM's number of
+Gram layers and its kernel. With ``--json`` partial results are written after every
+split.
 """
 
 from __future__ import annotations
@@ -47,11 +52,11 @@ def _with_bias(X):  # G_0 = X X^T / d has no bias term: append a constant featur
     return torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype, device=X.device)], 1)
 
 
-def run_dkm(d, M, epochs, batch, lr, seed, nu, ard=False):
+def run_dkm(d, M, epochs, batch, lr, seed, nu, ard=False, depth=2, kernel="relu"):
     from pyro_dkm.dkm import DeepKernelMachine, fit, select_inducing_points
     X = _with_bias(d.X_train)
-    model = DeepKernelMachine(select_inducing_points(X, M, seed=seed), depth=2, nu=nu,
-                              kernel="relu", input_ard=ard, dtype=X.dtype)
+    model = DeepKernelMachine(select_inducing_points(X, M, seed=seed), depth=depth, nu=nu,
+                              kernel=kernel, input_ard=ard, dtype=X.dtype)
     res = fit(model, X, d.y_train, epochs=epochs, batch_size=batch, lr=lr, seed=seed,
               progress=False)
     pred = model.predict(_with_bias(d.X_test))
@@ -59,8 +64,14 @@ def run_dkm(d, M, epochs, batch, lr, seed, nu, ard=False):
     return ll, rmse, res.seconds_per_epoch
 
 
-def run_baseline(name, d, M, epochs, batch, lr, seed, nngp_max):
-    if name == "SVGP":
+def run_baseline(name, d, M, epochs, batch, lr, seed, nngp_max, gp_steps=300,
+                 gp_max=5000):
+    if name == "GP-ARD":
+        from pyro_dkm.baselines import ARDGPRegressor
+        m = ARDGPRegressor(max_train=gp_max, seed=seed)
+        spe = m.fit(d.X_train, d.y_train, epochs=gp_steps)
+        ll, rmse = gaussian_test_metrics(m.predict(d.X_test), d.y_test, d.y_mean, d.y_std)
+    elif name == "SVGP":
         m = SVGPRegressor(M, seed=seed)
         spe = m.fit(d.X_train, d.y_train, epochs=epochs, batch_size=batch, lr=lr)
         ll, rmse = gaussian_test_metrics(m.predict(d.X_test), d.y_test, d.y_mean, d.y_std)
@@ -91,9 +102,13 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--nu", type=float, default=1.0, help="DKM nu for both Gram layers")
     p.add_argument("--nngp-max-train", type=int, default=2000)
-    p.add_argument("--models", default="DKM,DKM-ARD,SVGP,DGP-2,NNGP",
+    p.add_argument("--models", default="DKM,DKM-ARD,SVGP,DGP-2,NNGP,GP-ARD",
                    help="comma-separated from DKM, DKM-ARD (learned input lengthscales), SVGP, "
-                        "DGP-2, NNGP")
+                        "DGP-2, NNGP, GP-ARD (exact GP, ARD RBF kernel)")
+    p.add_argument("--depth", type=int, default=2, help="DKM Gram layers")
+    p.add_argument("--kernel", default="relu", help="DKM kernel (relu, sqexp, erf, ...)")
+    p.add_argument("--gp-steps", type=int, default=300, help="GP-ARD Adam steps")
+    p.add_argument("--gp-max-train", type=int, default=5000)
     p.add_argument("--csv", type=Path, default=None, help="also write the rows as CSV")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads, the same for every model (default 1)")
@@ -103,6 +118,7 @@ def main(argv=None) -> int:
         args.num_inducing, args.steps, args.max_epochs = 10, 6, 3
         args.splits = 1 if args.splits is None else min(args.splits, 1)
         args.nngp_max_train = 100
+        args.gp_steps, args.gp_max_train = 5, 100
         if args.datasets is None:
             args.datasets = ["yacht"]
     torch.manual_seed(args.seed)
@@ -112,7 +128,8 @@ def main(argv=None) -> int:
     rows, ratios, wins, compared, budget = [], {}, {}, {}, {}
     meta = dict(num_inducing=args.num_inducing, steps=args.steps, max_epochs=args.max_epochs,
                 batch_size=args.batch_size, lr=args.lr, nu=args.nu, threads=args.threads,
-                nngp_max_train=args.nngp_max_train)
+                nngp_max_train=args.nngp_max_train, depth=args.depth, kernel=args.kernel,
+                gp_steps=args.gp_steps, gp_max_train=args.gp_max_train)
     for name in names:
         n_splits = min(args.splits or 10**9, uci_n_splits(uci_dir / name))
         res = {m: {"ll": [], "rmse": [], "spe": []} for m in models}
@@ -129,12 +146,17 @@ def main(argv=None) -> int:
                 torch.manual_seed(seed)
                 if m in DKMS:
                     out = run_dkm(d, args.num_inducing, epochs, B, args.lr, seed, args.nu,
-                                  ard=m == "DKM-ARD")
+                                  ard=m == "DKM-ARD", depth=args.depth, kernel=args.kernel)
                 else:
                     out = run_baseline(m, d, args.num_inducing, epochs, B, args.lr, seed,
-                                       args.nngp_max_train)
+                                       args.nngp_max_train, args.gp_steps, args.gp_max_train)
                 for k, v in zip(("ll", "rmse", "spe"), out):
                     res[m][k].append(v)
+            if args.json:  # partial results after every split
+                part = [row(name, m, met, res[m][k]) for m in models
+                        for k, met in (("ll", "test LL"), ("rmse", "RMSE"))]
+                write_json(args.json, rows + part, summary=f"partial: {name} split {split}",
+                           budget=budget, **meta)
         for m in models:
             label = m if m != "NNGP" else f"NNGP (exact, n<={args.nngp_max_train})"
             rows.append(row(name, label, "test LL", res[m]["ll"]))
@@ -149,9 +171,6 @@ def main(argv=None) -> int:
                 compared[k] = compared.get(k, 0) + 1
                 wins[k] = wins.get(k, 0) + (sum(res[k]["ll"]) / len(res[k]["ll"]) >= dgp_ll)
                 ratios.setdefault(k, []).append(sum(res[k]["spe"]) / sum(res["DGP-2"]["spe"]))
-        if args.json:  # partial results after every dataset
-            write_json(args.json, rows, summary="partial: " + ",".join(
-                dict.fromkeys(r["dataset"] for r in rows)), budget=budget, **meta)
     print_table(rows)
     parts = []
     for k, rs in ratios.items():

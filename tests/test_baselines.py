@@ -105,3 +105,35 @@ def test_bad_input(cls):
     Xn[0, 0] = float("nan")
     with pytest.raises(ValueError, match="X"):
         m.fit(Xn, y, epochs=1)
+
+
+def test_ard_gp_baseline_predicts_the_closed_form_posterior_of_its_fitted_kernel():
+    # after type-II ML, the predictive equals the textbook GP posterior with the learned
+    # ARD RBF kernel, constant mean and noise (computed here by hand, 1e-8), and the
+    # irrelevant third input got the longest lengthscale
+    from pyro_dkm.baselines import ARDGPRegressor
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 3, generator=g, dtype=torch.float64)
+    y = torch.sin(2 * X[:, 0]) + 0.3 * X[:, 1] + 0.05 * torch.randn(60, generator=g,
+                                                                    dtype=torch.float64)
+    Xt = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    m = ARDGPRegressor()
+    m.fit(X, y, epochs=150)
+    cov = m.model.covar_module
+    ell = cov.base_kernel.lengthscale.detach()[0]
+    amp = cov.outputscale.detach()
+    noise = m.model.likelihood.noise.detach()[0]
+    c = m.model.mean_module.constant.detach()
+
+    def k(a, b):
+        return amp * torch.exp(-0.5 * torch.cdist(a / ell, b / ell) ** 2)
+
+    K = k(X, X) + noise * torch.eye(60, dtype=torch.float64)
+    Ks = k(Xt, X)
+    mean = c + Ks @ torch.linalg.solve(K, y - c)
+    var = amp - (Ks * torch.linalg.solve(K, Ks.T).T).sum(1) + noise
+    p = m.predict(Xt)
+    torch.testing.assert_close(p.mean, mean, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(p.variance, var, rtol=1e-6, atol=1e-8)
+    assert int(ell.argmax()) == 2, ell

@@ -51,7 +51,7 @@ def test_uci_quick(tmp_path):
     stdout, data = _run("uci.py", "--csv", str(tmp_path / "rows.csv"), tmp_path=tmp_path)
     rows = data["rows"]
     models = {r["model"].split(" ")[0] for r in rows}
-    assert models == {"DKM", "DKM-ARD", "SVGP", "DGP-2", "NNGP"}
+    assert models == {"DKM", "DKM-ARD", "SVGP", "DGP-2", "NNGP", "GP-ARD"}
     assert {r["metric"] for r in rows} == {"test LL", "RMSE", "time/epoch",
                                            "time ratio DKM/DGP-2"}
     # the ratio row is the per-split DKM / DGP-2 seconds per epoch
