@@ -627,6 +627,8 @@ class FunctionalTucker:
         if self.modes[k] != "continuous":
             raise ValueError(f"the streaming mode must be continuous, mode {k} is "
                              f"{self.modes[k]}")
+        if isinstance(inner_iter, bool) or not isinstance(inner_iter, int) or inner_iter < 1:
+            raise ValueError(f"inner_iter must be a positive int, got {inner_iter!r}")
         coords, y = check_tensor_data(coords, values, n_modes=self.K, dtype=self.dtype)
         y = (y - self._y_loc) / self._y_scale
         last = float(self.unique_coords[k][-1])

@@ -101,5 +101,7 @@ def test_partial_fit_refuses_out_of_order_or_unseen_entries():
     with pytest.raises(ValueError, match="the streaming mode must be continuous"):
         FunctionalTucker([2, 2, 2], modes=["continuous", "continuous", "discrete"],
                          max_iter=2, progress=False).fit(X, y).partial_fit(X[:5], y[:5])
+    with pytest.raises(ValueError, match="inner_iter must be a positive int"):
+        m.partial_fit(X[rest], y[rest], inner_iter=0)
     with pytest.raises(RuntimeError, match="call fit"):
         FunctionalTucker([2, 2, 2]).partial_fit(X, y)
