@@ -163,3 +163,20 @@ def test_bad_mode_and_hyperparameter_arguments():
         FunctionalTucker([2, 2], modes=["discrete"])
     with pytest.raises(ValueError, match="hyper_every must be a positive int"):
         FunctionalTucker([2, 2], hyper_every=0)
+
+
+def test_restarts_keep_the_fit_of_lowest_validation_rmse():
+    # restarts=3: three seeds fitted to the same 90%; the kept model is the one whose
+    # held-out RMSE is the minimum, and it equals a plain fit with that seed on that 90%
+    X, y, _ = _lowrank(3, n=500)
+    m = FunctionalTucker([2] * 3, max_iter=8, progress=False, seed=5)
+    m.fit(X, y, restarts=3)
+    assert len(m.restart_val_rmse) == 3 and m.seed == 5
+    best = min(range(3), key=lambda r: m.restart_val_rmse[r])
+    perm = torch.randperm(500, generator=torch.Generator().manual_seed(5))
+    trn = perm[50:]
+    ref = FunctionalTucker([2] * 3, max_iter=8, progress=False, seed=5 + 1000 * best)
+    ref.fit(X[trn], y[trn])
+    torch.testing.assert_close(m.predict(X).mean, ref.predict(X).mean, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="restarts must be a positive int"):
+        m.fit(X, y, restarts=0)
