@@ -129,3 +129,16 @@ class OptimiserSteps:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def target_statistics(Y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-column mean and standard deviation (``ddof=0``) of targets ``Y`` ``(N, C)``
+    for standardisation; a zero or undefined deviation gives 1, and targets already
+    standardised (to 1e-12) give exactly ``(0, 1)``, so they pass through unrounded."""
+    Y = Y.to(torch.float64)
+    loc = Y.mean(0)
+    scale = Y.std(0, correction=0) if Y.shape[0] > 1 else torch.ones_like(loc)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if bool((loc.abs() < 1e-12).all() and ((scale - 1).abs() < 1e-12).all()):
+        return torch.zeros_like(loc), torch.ones_like(scale)
+    return loc, scale

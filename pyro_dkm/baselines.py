@@ -83,18 +83,26 @@ def _svi_loop(model, likelihood, mll, X, y, epochs, batch_size, lr, seed, num_sa
     return (time.perf_counter() - t0) / max(epochs, 1)
 
 
-class _SVGPModel(gpytorch.models.ApproximateGP):
-    def __init__(self, Z: Tensor):
-        vd = gpytorch.variational.CholeskyVariationalDistribution(Z.shape[0])
-        vs = gpytorch.variational.VariationalStrategy(self, Z, vd, learn_inducing_locations=True)
-        super().__init__(vs)
+class _ConstantMeanARD:
+    """Constant mean and a scaled ARD RBF kernel over ``d`` inputs (the SVGP's and the exact
+    GP baseline's prior)."""
+
+    def _init_prior(self, d: int) -> None:
         self.mean_module = gpytorch.means.ConstantMean()
         self.covar_module = gpytorch.kernels.ScaleKernel(
-            gpytorch.kernels.RBFKernel(ard_num_dims=Z.shape[1]))
+            gpytorch.kernels.RBFKernel(ard_num_dims=d))
 
     def forward(self, x):
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x),
                                                          self.covar_module(x))
+
+
+class _SVGPModel(_ConstantMeanARD, gpytorch.models.ApproximateGP):
+    def __init__(self, Z: Tensor):
+        vd = gpytorch.variational.CholeskyVariationalDistribution(Z.shape[0])
+        vs = gpytorch.variational.VariationalStrategy(self, Z, vd, learn_inducing_locations=True)
+        super().__init__(vs)
+        self._init_prior(Z.shape[1])
 
 
 class SVGPRegressor:
@@ -261,16 +269,10 @@ class NNGPRegressor:
         return self.gp.predict(X, include_noise=include_noise)
 
 
-class _ExactARD(gpytorch.models.ExactGP):
+class _ExactARD(_ConstantMeanARD, gpytorch.models.ExactGP):
     def __init__(self, X, y, likelihood):
         super().__init__(X, y, likelihood)
-        self.mean_module = gpytorch.means.ConstantMean()
-        self.covar_module = gpytorch.kernels.ScaleKernel(
-            gpytorch.kernels.RBFKernel(ard_num_dims=X.shape[1]))
-
-    def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x),
-                                                         self.covar_module(x))
+        self._init_prior(X.shape[1])
 
 
 class ARDGPRegressor:

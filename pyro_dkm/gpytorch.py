@@ -11,13 +11,12 @@ GPyTorch model.
 
 from __future__ import annotations
 
-import gpytorch
 import torch
 from gpytorch.constraints import Positive
 from torch import Tensor
 
 from ._gpytorch_dkm import DeepKernelMachineGP  # noqa: E402
-from .kernels.adapters import GPyTorchKernel, check_gpytorch_inputs  # noqa: E402
+from .kernels.adapters import CheckedKernel, GPyTorchKernel  # noqa: E402
 from .kernels.keops import DEFAULT_KEOPS_THRESHOLD
 from .kernels.nngp import ACTIVATIONS as _ACTIVATIONS
 from .kernels.nngp import fully_connected
@@ -33,7 +32,7 @@ def _check_init_variance(value, name: str, *, allow_zero: bool) -> float:
     return check_positive(value, name, allow_zero=allow_zero)
 
 
-class NNGPKernel(gpytorch.kernels.Kernel):
+class NNGPKernel(CheckedKernel):
     r"""NNGP (or NTK) kernel of a fully-connected network of ``depth`` hidden layers,
 
     ``serial(Dense(w_0, b_0), act, Dense(w_1, b_1), act, ..., Dense(w_depth, b_depth))``
@@ -138,12 +137,6 @@ class NNGPKernel(gpytorch.kernels.Kernel):
         hyper-parameters (differentiable)."""
         return fully_connected(self.depth, self.activation, self.weight_var, self.bias_var,
                                per_layer=True)
-
-    def __call__(self, x1, x2=None, diag: bool = False, last_dim_is_batch: bool = False,
-                 **params):
-        check_gpytorch_inputs(x1, x2)
-        return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch,
-                                **params)
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, **params) -> Tensor:
         if params.get("last_dim_is_batch", False):

@@ -23,10 +23,11 @@ from torch import Tensor
 from torch.distributions import constraints
 
 from .._pyro import sync_param_store
+from .._training import target_statistics
 from ..kernels.gram import GramKernel
 from ..linalg import check_tensor, cholesky, cholesky_solve, gaussian_log_marginal, tril_solve
 from .layers import GramLayer, InputGram, KernelLayer, propagate_gram
-from .model import _per_layer, target_statistics
+from .model import _per_layer
 
 __all__ = ["ExactDeepKernelMachine"]
 

@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.distributions import transform_to
 
 from .._pyro import sync_param_store
+from .._training import target_statistics
 from ..kernels.gram import GramKernel
 from ..likelihoods import Categorical, Gaussian, Likelihood, StudentT, as_likelihood
 from ..linalg import check_tensor, cholesky, cholesky_solve, tril_solve
@@ -61,19 +62,6 @@ def _per_layer(value, n: int, name: str) -> list:
             raise ValueError(f"{name} must be a single value or a list of {n}, got {len(value)}")
         return list(value)
     return [value] * n
-
-
-def target_statistics(Y: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-column mean and standard deviation (``ddof=0``) of targets ``Y`` ``(N, C)``
-    for standardisation; a zero or undefined deviation gives 1, and targets already
-    standardised (to 1e-12) give exactly ``(0, 1)``, so they pass through unrounded."""
-    Y = Y.to(torch.float64)
-    loc = Y.mean(0)
-    scale = Y.std(0, correction=0) if Y.shape[0] > 1 else torch.ones_like(loc)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    if bool((loc.abs() < 1e-12).all() and ((scale - 1).abs() < 1e-12).all()):
-        return torch.zeros_like(loc), torch.ones_like(scale)
-    return loc, scale
 
 
 def _set_param(module: PyroModule, name: str, value: Tensor) -> None:

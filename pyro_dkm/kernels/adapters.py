@@ -143,7 +143,18 @@ class PyroGPKernel(gp.kernels.Kernel):
         return _call(self.base, X, Z, diag)
 
 
-class GPyTorchKernel(gpytorch.kernels.Kernel):
+class CheckedKernel(gpytorch.kernels.Kernel):
+    """A ``gpytorch.kernels.Kernel`` whose call checks ``x1``/``x2`` first
+    (:func:`check_gpytorch_inputs`)."""
+
+    def __call__(self, x1, x2=None, diag: bool = False, last_dim_is_batch: bool = False,
+                 **params):
+        check_gpytorch_inputs(x1, x2)
+        return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch,
+                                **params)
+
+
+class GPyTorchKernel(CheckedKernel):
     """Any protocol kernel as a ``gpytorch.kernels.Kernel`` (a ``torch.nn.Module`` kernel
     becomes the submodule ``base``)."""
 
@@ -152,12 +163,6 @@ class GPyTorchKernel(gpytorch.kernels.Kernel):
     def __init__(self, kernel, **kwargs):
         super().__init__(**kwargs)
         self.base = check_kernel(kernel)
-
-    def __call__(self, x1, x2=None, diag: bool = False, last_dim_is_batch: bool = False,
-                 **params):
-        check_gpytorch_inputs(x1, x2)
-        return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch,
-                                **params)
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, **params) -> Tensor:
         if params.get("last_dim_is_batch", False):

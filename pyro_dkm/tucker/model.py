@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .._training import power_of_ten_scale
+from .._training import power_of_ten_scale, target_statistics
 from ..linalg import cholesky, cholesky_solve
 from .als import als_fit
 from .kalman import FilterResult, condition_on_neighbours, kalman_filter, rts_smoother
@@ -298,26 +298,22 @@ class FunctionalTucker:
     # ------------------------------------------------------------------ Kalman over modes
     def _prepare_chains(self):
         """Per-mode SSMs and discretisations, padded into one batch (sum_k R_k, T_max, d_max)."""
-        dt_, dev = self.dtype, self.unique_coords[0].device
-        self._ssm = []
-        self._AQ = []
+        self._ssm = [None] * self.K
+        self._AQ = [None] * self.K
         for k in range(self.K):
-            if self.modes[k] == "discrete":
-                self._ssm.append(None)
-                self._AQ.append(None)
-                continue
-            ssm = matern_ssm(
-                self.nu[k],
-                self._rank_ell[k].to(dt_).expand(self.ranks[k]).to(dev),
-                self.variance[k],
-                dtype=dt_,
-                device=dev,
-            )
-            u = self.unique_coords[k]
-            gaps = torch.cat([u.new_zeros(1), u.diff()])
-            A, Q = discretise(ssm, gaps.expand(self.ranks[k], -1))
-            self._ssm.append(ssm)
-            self._AQ.append((A, Q))
+            if self.modes[k] == "continuous":
+                self._set_chain(k)
+
+    def _set_chain(self, k: int) -> None:
+        """Mode ``k``'s SSM at its current hyper-parameters and its discretisation over the
+        gaps between its sorted unique coordinates."""
+        u = self.unique_coords[k]
+        ssm = matern_ssm(self.nu[k],
+                         self._rank_ell[k].to(self.dtype).expand(self.ranks[k]).to(u.device),
+                         self.variance[k], dtype=self.dtype, device=u.device)
+        gaps = torch.cat([u.new_zeros(1), u.diff()])
+        self._ssm[k] = ssm
+        self._AQ[k] = discretise(ssm, gaps.expand(self.ranks[k], -1))
 
     def _run_chains(self, modes: list[int]):
         """Kalman filter + RTS smoother for the listed modes, batched; updates u moments.
@@ -424,11 +420,7 @@ class FunctionalTucker:
         self.lengthscale[k] = float(self._rank_ell[k].log().mean().exp())  # geometric mean
         self.variance[k] = float(log_var.detach().clamp(-12, 12).exp())
         if self.modes[k] == "continuous":
-            ssm = matern_ssm(self.nu[k], self._rank_ell[k].expand(self.ranks[k]),
-                             self.variance[k], dtype=self.dtype)
-            gaps = torch.cat([u.new_zeros(1), u.diff()])
-            self._ssm[k] = ssm
-            self._AQ[k] = discretise(ssm, gaps.expand(self.ranks[k], -1))
+            self._set_chain(k)
 
     # ------------------------------------------------------------------ fit
     def fit(self, coords, values, *, restarts: int = 1, val_fraction: float = 0.1):
@@ -508,12 +500,8 @@ class FunctionalTucker:
         # values' own units. Values of ordinary spread are fitted as they are (the ALS start
         # is sensitive to the scale: 3.8-spread data divided by 10 collapsed once)
         if self.standardise:
-            loc, scale = float(y.mean()), float(y.std(correction=0))
-            if not scale > 0:
-                scale = 1.0
-            if abs(loc) < 1e-12 and abs(scale - 1.0) < 1e-12:
-                loc, scale = 0.0, 1.0
-            self._y_loc, self._y_scale = loc, scale
+            loc, scale = target_statistics(y[:, None])
+            self._y_loc, self._y_scale = float(loc), float(scale)
         else:
             self._y_loc, self._y_scale = 0.0, power_of_ten_scale(y, ordinary=(1e-2, 1e2))
         y = (y - self._y_loc) / self._y_scale
