@@ -4,7 +4,8 @@ Main entry points (all importable from here):
 
 * :class:`DeepKernelMachine` -- sparse deep kernel machine: a latent function for any
   Pyro model (``f = dkm(X)``), or a whole model (``model``/``guide``/``predict``);
-  :class:`ExactDeepKernelMachine` for small data;
+  :class:`ExactDeepKernelMachine` for small data; :class:`ConvDeepKernelMachine` for
+  sequences and images;
 * :mod:`pyro_dkm.likelihoods` -- ``Gaussian``, ``StudentT``, ``Bernoulli``, ``Poisson``,
   ``Categorical``, any callable;
 * :class:`StudentTProcessRegression`, :class:`ScaleMixtureRegression`,
@@ -34,7 +35,12 @@ del _name
 from . import dkm, kernels, likelihoods, linalg, processes, tucker  # noqa: E402
 from ._settings import settings  # noqa: E402
 from ._training import FitResult  # noqa: E402
-from .dkm import DeepKernelMachine, ExactDeepKernelMachine, select_inducing_points  # noqa: E402
+from .dkm import (  # noqa: E402
+    ConvDeepKernelMachine,
+    DeepKernelMachine,
+    ExactDeepKernelMachine,
+    select_inducing_points,
+)
 from .fitting import fit  # noqa: E402
 from .kernels import Dense, Erf, Relu, serial  # noqa: E402
 from .linalg import NotPositiveDefiniteError  # noqa: E402
@@ -50,7 +56,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "dkm", "kernels", "likelihoods", "linalg", "processes", "tucker", "gpytorch", "datasets",
-    "baselines", "DeepKernelMachine", "ExactDeepKernelMachine", "select_inducing_points",
+    "baselines", "ConvDeepKernelMachine", "DeepKernelMachine", "ExactDeepKernelMachine",
+    "select_inducing_points",
     "GaussianProcessRegression", "StudentTProcessRegression", "ScaleMixtureRegression",
     "RobustRegression", "FunctionalTucker", "Dense", "Erf", "Relu", "serial", "fit",
     "FitResult", "settings", "NotPositiveDefiniteError", "DeepKernelMachineGP", "__version__",

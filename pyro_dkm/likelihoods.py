@@ -39,6 +39,7 @@ from .linalg import check_positive
 
 __all__ = [
     "Likelihood", "Gaussian", "StudentT", "Bernoulli", "Poisson", "Categorical",
+    "TemperedCategorical",
     "FunctionLikelihood", "as_likelihood", "gauss_hermite", "softmax_log_prob",
 ]
 
@@ -249,6 +250,29 @@ class Categorical(Likelihood):
         return dist.Categorical(probs=p)
 
 
+class TemperedCategorical(Categorical):
+    r"""Softmax of tempered logits, :math:`p(y \mid f) = \mathrm{softmax}(f / T)_y`, with
+    the temperature ``T`` a positive ``PyroParam`` (learned by default; ``learn=False``
+    keeps it a fixed buffer). The top-layer kernel of a DKM has no amplitude (its scale is
+    set by the Grams' regularisers), so without ``T`` its latent values, and hence the
+    confidence of its predictions, are tied to the kernel's scale; ``T < 1`` sharpens."""
+
+    def __init__(self, temperature: float = 1.0, num_samples: int = 8,
+                 predictive_samples: int = 64, learn: bool = True):
+        super().__init__(num_samples=num_samples, predictive_samples=predictive_samples)
+        t = _positive(temperature, "temperature")
+        if learn:
+            self.temperature = PyroParam(t, constraints.positive)
+        else:
+            self.register_buffer("temperature", t)
+
+    def conditional(self, f):
+        return dist.Categorical(logits=f / self.temperature.to(f.dtype))
+
+    def _draws(self, f_loc, f_var, n):
+        return super()._draws(f_loc, f_var, n) / self.temperature.to(f_loc.dtype)
+
+
 class FunctionLikelihood(Likelihood):
     """Any ``fn(f) -> Distribution`` of the observations given latent values ``f``
     (batch shape that of ``f``), e.g. ``lambda f: dist.Gamma(2.0, 2.0 / f.exp())``.
@@ -267,7 +291,8 @@ class FunctionLikelihood(Likelihood):
 
 
 _NAMED = {"gaussian": Gaussian, "student_t": StudentT, "bernoulli": Bernoulli,
-          "poisson": Poisson, "categorical": Categorical}
+          "poisson": Poisson, "categorical": Categorical,
+          "tempered_categorical": TemperedCategorical}
 
 
 def as_likelihood(value, **kwargs) -> Likelihood:
