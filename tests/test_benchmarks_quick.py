@@ -94,3 +94,19 @@ def test_distributed_quick(tmp_path):
     assert last.startswith("Strong scaling") and "DKM final loss equal" in last
     drift = float(last.rsplit(" ", 1)[-1])
     assert drift < 1e-10
+
+
+def test_conv_dkm_quick(tmp_path):
+    pytest.importorskip("mnist1d")
+    stdout, data = _run("conv_dkm.py", tmp_path=tmp_path)
+    rows = data["rows"]
+    assert {r["model"] for r in rows} == {"conv DKM (nu=10)", "conv NNGP (nu=inf)", "FC DKM",
+                                         "CNN"}
+    assert {r["metric"] for r in rows} == {"accuracy", "test LL", "time/epoch"}
+    for r in rows:
+        assert math.isfinite(r["mean"])
+        if r["metric"] == "accuracy":
+            assert 0 <= r["mean"] <= 1
+        if r["metric"] == "test LL":
+            assert r["mean"] < 0
+    assert "conv DKM accuracy" in stdout.splitlines()[-1]

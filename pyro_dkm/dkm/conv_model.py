@@ -171,6 +171,8 @@ class ConvDeepKernelMachine(DeepKernelMachine):
         self.layers = torch.nn.ModuleList(layers)
         self.gram_layers = [m for m in layers if isinstance(m, ConvGramLayer)]
         positions = None
+        self._spatial_shape = None if spatial_shape is None else tuple(int(v) for v in
+                                                                       spatial_shape)
         if readout == "flatten":
             if spatial_shape is None:
                 raise ValueError("readout='flatten' needs spatial_shape (the inputs' spatial "
@@ -215,6 +217,9 @@ class ConvDeepKernelMachine(DeepKernelMachine):
                              f"patches), got shape {tuple(X.shape)}")
         if X.shape[0] < 1:
             raise ValueError(f"{name} must have at least one row")
+        if self._spatial_shape is not None and tuple(X.shape[2:]) != self._spatial_shape:
+            raise ValueError(f"{name} must have spatial shape {self._spatial_shape} (the "
+                             f"model's spatial_shape), got shape {tuple(X.shape)}")
         return X.to(device=self.input_layer.inducing_points.device, dtype=self.dtype)
 
     def forward_blocks(self, X: Tensor):
@@ -245,14 +250,13 @@ class ConvDeepKernelMachine(DeepKernelMachine):
     def reset_to_nngp(self) -> None:
         """Every learned inducing Gram at its prior ``K_ii`` and ``q(u)`` at ``p(u)``."""
         Z = self.input_layer.inducing_points[:1]
-        # a dummy image: only the inducing blocks matter here (its spatial size is the
-        # patch's, pooled windows permitting)
-        G = Z
+        # a dummy image: only the inducing blocks matter here (its spatial size: the
+        # inputs' when given, else the smallest the pooling windows permit)
         was = self.training
         self.eval()
         try:
-            X = torch.zeros((1, Z.shape[1]) + (self._dummy_size(),) * self.input_layer.ndim,
-                            dtype=Z.dtype, device=Z.device)
+            shape = self._spatial_shape or (self._dummy_size(),) * self.input_layer.ndim
+            X = torch.zeros((1, Z.shape[1]) + shape, dtype=Z.dtype, device=Z.device)
             G = X
             for layer in self.layers:
                 if isinstance(layer, ConvGramLayer):
