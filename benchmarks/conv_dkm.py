@@ -130,6 +130,16 @@ def fc_dkm(X, args, seed):
                              gram_parameterisation="whitened", dtype=args.torch_dtype)
 
 
+def make_model(key, X, nu, args, seed):
+    if key == "conv-dkm":
+        return conv_dkm(X, nu, args, seed)
+    if key == "conv-nngp":
+        return conv_dkm(X, 1.0, args, seed, frozen=True)
+    if key == "fc-dkm":
+        return fc_dkm(X, args, seed)
+    return SmallCNN(1, tuple(X.shape[2:]), seed=seed)
+
+
 def fit_score(model, X, y, Xt, yt, args, seed, name):
     X, Xt = X.to(args.torch_dtype), Xt.to(args.torch_dtype)
     if isinstance(model, DeepKernelMachine) and not isinstance(model, ConvDeepKernelMachine):
@@ -171,17 +181,11 @@ def run_dataset(name, loader, args, rows):
     print(f"{name}: nu = {chosen:g}", file=sys.stderr)
     for seed in range(args.seeds):
         X, y, Xt, yt = loader(seed)
-        models = {}
-        if "conv-dkm" in args.models:
-            models[f"conv DKM (nu={chosen:g})"] = lambda: conv_dkm(X, chosen, args, seed)
-        if "conv-nngp" in args.models:
-            models["conv NNGP (nu=inf)"] = lambda: conv_dkm(X, 1.0, args, seed, frozen=True)
-        if "fc-dkm" in args.models:
-            models["FC DKM"] = lambda: fc_dkm(X, args, seed)
-        if "cnn" in args.models:
-            models["CNN"] = lambda: SmallCNN(1, tuple(X.shape[2:]), seed=seed)
-        for mname, make in models.items():
-            model = make()
+        names = {"conv-dkm": f"conv DKM (nu={chosen:g})", "conv-nngp": "conv NNGP (nu=inf)",
+                 "fc-dkm": "FC DKM", "cnn": "CNN"}
+        for key in [k for k in names if k in args.models]:
+            mname = names[key]
+            model = make_model(key, X, chosen, args, seed)
             if isinstance(model, SmallCNN):
                 t = model.fit(X, y, epochs=args.epochs, batch_size=args.batch_size,
                               lr=1e-2, seed=seed)
@@ -244,7 +248,8 @@ def main(argv=None):
             if args.quick:
                 X, y, Xt, yt = X[:256], y[:256], Xt[:256], yt[:256]
             label = "mnist1d" + ("-shuffled" if args.shuffle else "")
-            run_dataset(label, lambda seed: (X, y, Xt, yt), args, rows)
+            data = (X, y, Xt, yt)
+            run_dataset(label, lambda seed, data=data: data, args, rows)
         elif name == "digits":
             run_dataset("digits", load_digits, args, rows)
         else:
