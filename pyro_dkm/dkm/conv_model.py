@@ -65,11 +65,12 @@ class ConvDeepKernelMachine(DeepKernelMachine):
         skr_dof: stochastic kernel regularisation: Wishart degrees of freedom of the
             training-mode draws of every inducing Gram (``None``: off).
         gram_parameterisation: ``"whitened"`` (default here: the KL does not depend on the
-            inducing patches, and Adam on the Cholesky form diverged on MNIST-1D) or
+            inducing patches; with the Cholesky form the first Adam steps on MNIST-1D
+            gave KL spikes of ~1e4 nats per point) or
             ``"cholesky"``; see :class:`~pyro_dkm.dkm.layers.GramLayer`.
-        kl, noise, num_likelihood_samples, shared_covariance,
-            analytic_expectation, dtype, name: as for
-            :class:`~pyro_dkm.dkm.DeepKernelMachine`.
+        kl: ``"exact"`` or ``"taylor"`` KL of the Gram layers; noise,
+            num_likelihood_samples, shared_covariance, analytic_expectation, dtype, name:
+            as for :class:`~pyro_dkm.dkm.DeepKernelMachine`.
         checkpoint: recompute each layer in the backward pass (bounded memory).
         readout: ``"gap"`` (global average pooling, default) or ``"flatten"`` (a dense
             read-out of every position, like a CNN's; needs ``spatial_shape``).
