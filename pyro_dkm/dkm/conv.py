@@ -61,6 +61,7 @@ from pyro.nn import PyroModule
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels.conv import pool_pairs, shift_sum
 from ..kernels.gram import ErfGram, GramKernel, ReluGram
 from ..linalg import check_tensor, cholesky, nystrom_residual, tril_solve
 from .gram_blocks import GramBlocks
@@ -92,19 +93,6 @@ def _as_kernel(kernel) -> GramKernel:
 
 def _offsets(q: int, ndim: int) -> list[tuple]:
     return list(itertools.product(range(q), repeat=ndim))
-
-
-def _conv_tt(tt: Tensor, shape: tuple, q: int) -> Tensor:
-    """``sum_a tt(s + a - h, s' + a - h)`` over the ``q^D`` taps (zero padding)."""
-    B, D, h = tt.shape[0], len(shape), q // 2
-    T = tt.reshape(B, *shape, *shape)
-    Tp = torch.nn.functional.pad(T, (h, h) * (2 * D))
-    acc = 0
-    for a in _offsets(q, D):
-        sl = tuple(slice(o, o + n) for o, n in zip(a, shape))
-        acc = acc + Tp[(slice(None),) + sl + sl]
-    L = math.prod(shape)
-    return acc.reshape(B, L, L)
 
 
 def _shift_ti(ti: Tensor, shape: tuple, q: int) -> Tensor:
@@ -195,7 +183,7 @@ class ConvInput(PyroModule):
         w, b = self.weight_var, self.bias_var
         flat = X.reshape(B, C, -1)
         G0 = flat.mT @ flat / C  # (B, L, L)
-        tt = w / nq * _conv_tt(G0, shape, self.q) + b
+        tt = w / nq * shift_sum(G0, shape, self.q) + b
         ti = w / (nq * C) * (_patches(X, self.q) @ Z.mT) + b
         ii = w / (nq * C) * (Z @ Z.mT) + b
         return ConvGram(ii, ti, tt, shape)
@@ -243,7 +231,7 @@ class ConvMix(PyroModule):
         nq = self.q ** self.ndim
         w, b = self.weight_var, self.bias_var
         Cm = self.mixing  # (nq, Po, Pi)
-        tt = w / nq * _conv_tt(G.tt, G.shape, self.q) + b
+        tt = w / nq * shift_sum(G.tt, G.shape, self.q) + b
         S = _shift_ti(G.ti, G.shape, self.q)  # (B, L, nq, Pi)
         ti = w / nq * torch.einsum("blaj,aij->bli", S, Cm) + b
         ii = w / nq * torch.einsum("aij,jk,alk->il", Cm, G.ii, Cm) + b
@@ -266,14 +254,11 @@ class GramPool(PyroModule):
             return G
         if any(n % p for n in shape):
             raise ValueError(f"GramPool({p}) needs spatial sizes divisible by {p}, got {shape}")
-        new = tuple(n // p for n in shape)
+        tt, new = pool_pairs(G.tt, shape, p)
         B, P, D = G.ti.shape[0], G.ti.shape[-1], len(shape)
         split = sum(((n, p) for n in new), ())
-        win = tuple(2 + 2 * i for i in range(D))  # window axes after the batch axis
-        tt = G.tt.reshape(B, *split, *split).mean(win + tuple(2 * D + w for w in win))
-        ti = G.ti.reshape(B, *split, P).mean(win)
-        L = math.prod(new)
-        return ConvGram(G.ii, ti.reshape(B, L, P), tt.reshape(B, L, L), new)
+        ti = G.ti.reshape(B, *split, P).mean(tuple(2 + 2 * i for i in range(D)))
+        return ConvGram(G.ii, ti.reshape(B, math.prod(new), P), tt, new)
 
 
 class ConvGramLayer(GramLayer):

@@ -384,9 +384,17 @@ def _check_inputs(x1: Tensor, x2: Tensor | None) -> tuple[Tensor, bool]:
 
 
 def serial(*layers: Layer) -> NNGPKernelFn:
-    """Compose layers into a kernel function (first layer applied first)."""
+    """Compose layers into a kernel function (first layer applied first). A network with
+    convolutional layers (:mod:`pyro_dkm.kernels.conv`: ``Conv1d``/``Conv2d``,
+    ``ConvRelu``, ``AvgPool1d``/``AvgPool2d``, ``GlobalAvgPool``) gets the
+    :class:`~pyro_dkm.kernels.conv.ConvNNGPKernelFn` of
+    :func:`~pyro_dkm.kernels.conv.conv_serial`."""
     if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
         layers = tuple(layers[0])
+    from .conv import ConvNNGPKernelFn, GlobalAvgPool, _SpatialLayer
+
+    if any(isinstance(layer, (_SpatialLayer, GlobalAvgPool)) for layer in layers):
+        return ConvNNGPKernelFn(layers)
     return NNGPKernelFn(layers)
 
 
