@@ -136,7 +136,10 @@ class FunctionalTucker:
         one Kalman pass batched over modes) or ``"sequential"`` (mode by mode).
     :param modes: ``"continuous"`` (a Matern GP over the coordinate, default) or
         ``"discrete"`` (an independent ``N(0, variance)`` embedding per coordinate value:
-        the index as a category; unseen values predict from the prior), scalar or per mode.
+        the index as a category; unseen values predict from the prior), or ``"auto"``: chosen
+        by validation in :meth:`fit` (greedily mode by mode, the lower validation RMSE on a
+        held-out ``val_fraction`` of the entries; ``self.mode_val_rmse`` records them; the
+        chosen model is then fitted to all entries), scalar or per mode.
     :param learn_hyperparameters: learn each mode's lengthscale and variance (discrete
         modes: the variance) by maximising the evidence of its factor messages, the
         Kalman-filter marginal likelihood ``log int p(u | ell, s2) prod_t m_t(u_t) du``
@@ -221,8 +224,10 @@ class FunctionalTucker:
         self.modes = [str(v) for v in _per_mode("continuous" if modes is None else modes, K,
                                                  "modes")]
         for v in self.modes:
-            if v not in ("continuous", "discrete"):
-                raise ValueError(f"modes must be 'continuous' or 'discrete' (per mode), got {v!r}")
+            if v not in ("continuous", "discrete", "auto"):
+                raise ValueError(f"modes must be 'continuous', 'discrete' or 'auto' (per mode), "
+                                 f"got {v!r}")
+        self._requested_modes = list(self.modes)
         if not isinstance(hyper_every, int) or hyper_every < 1:
             raise ValueError(f"hyper_every must be a positive int, got {hyper_every!r}")
         self.learn_hyperparameters = bool(learn_hyperparameters)
@@ -443,6 +448,8 @@ class FunctionalTucker:
         """
         if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
             raise ValueError(f"restarts must be a positive int, got {restarts!r}")
+        if "auto" in self._requested_modes:
+            return self._fit_auto_modes(coords, values, restarts, val_fraction)
         if restarts == 1:
             return self._fit_checked(coords, values)
         if not 0 < val_fraction < 1:
@@ -465,6 +472,46 @@ class FunctionalTucker:
         finally:
             self.seed = seed0
         self.__dict__.update(best[1])
+        return self
+
+    def _fit_auto_modes(self, coords, values, restarts, val_fraction):
+        """``modes="auto"``: each such mode continuous or discrete by validation RMSE on
+        a held-out part (greedy over the modes, in order), then the chosen model fitted to
+        all the entries."""
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        coords, y = check_tensor_data(coords, values, n_modes=self.K, dtype=self.dtype)
+        gen = torch.Generator().manual_seed(0 if self.seed is None else self.seed)
+        perm = torch.randperm(y.shape[0], generator=gen)
+        n_val = max(1, int(round(val_fraction * y.shape[0])))
+        val, trn = perm[:n_val], perm[n_val:]
+        requested = list(self._requested_modes)
+        choice = ["continuous" if m == "auto" else m for m in requested]
+        scores = {}
+
+        def score(modes):
+            key = tuple(modes)
+            if key not in scores:
+                self.modes = list(modes)
+                self._fit_checked(coords[trn], y[trn])
+                scores[key] = float(((self.predict(coords[val]).mean - y[val]) ** 2)
+                                    .mean().sqrt())
+            return scores[key]
+
+        record = {}
+        try:
+            for k in [k for k, m in enumerate(requested) if m == "auto"]:
+                for cand in ("continuous", "discrete"):
+                    trial = list(choice)
+                    trial[k] = cand
+                    record[(k, cand)] = score(trial)
+                choice[k] = min(("continuous", "discrete"), key=lambda c: record[(k, c)])
+            self.modes = choice
+            self._requested_modes = choice  # the final fit (and its restarts) use these
+            self.fit(coords, y, restarts=restarts, val_fraction=val_fraction)
+        finally:
+            self._requested_modes = requested
+        self.mode_val_rmse = record
         return self
 
     def _fit_checked(self, coords, values):

@@ -157,7 +157,7 @@ def test_k_mode_tensors_fit_predict_and_differentiate(K):
 
 
 def test_bad_mode_and_hyperparameter_arguments():
-    with pytest.raises(ValueError, match="modes must be 'continuous' or 'discrete'"):
+    with pytest.raises(ValueError, match="modes must be 'continuous', 'discrete' or 'auto'"):
         FunctionalTucker([2, 2], modes=["continuous", "categorical"])
     with pytest.raises(ValueError, match="modes must be a scalar or a sequence of 2"):
         FunctionalTucker([2, 2], modes=["discrete"])
@@ -180,3 +180,40 @@ def test_restarts_keep_the_fit_of_lowest_validation_rmse():
     torch.testing.assert_close(m.predict(X).mean, ref.predict(X).mean, rtol=0, atol=0)
     with pytest.raises(ValueError, match="restarts must be a positive int"):
         m.fit(X, y, restarts=0)
+
+
+def test_auto_modes_choose_discrete_and_continuous_by_validation():
+    """Mode 0: 12 labels at coordinates 0, 0.01, ..., 0.11 with independent effects (the
+    lengthscale, fixed at 1, makes neighbouring labels correlate ~1 under a GP, so a
+    continuous mode cannot separate them; a GP on 12 well-spaced integers would fit them
+    as well as an embedding does); mode 1: a smooth function of a coordinate drawn afresh
+    for every entry (a discrete embedding never sees a test value). Validation picks
+    discrete for mode 0 and continuous for mode 1, and the chosen model predicts better
+    than the other choices on fresh entries."""
+    g = torch.Generator().manual_seed(0)
+    effects = torch.randn(12, generator=g, dtype=torch.float64) * 1.5
+
+    def draw(n):
+        i = torch.randint(0, 12, (n,), generator=g)
+        t = torch.rand(n, generator=g, dtype=torch.float64) * 10
+        y = effects[i] * torch.sin(t) + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)
+        return torch.stack([i.double() * 0.01, t], 1), y
+
+    X, y = draw(1500)
+    Xt, yt = draw(500)
+    kw = dict(nu=1.5, lengthscale=[1.0, 1.0], core="cp", max_iter=60, progress=False,
+              seed=0)
+    auto = FunctionalTucker([1, 1], modes="auto", **kw).fit(X, y)
+    assert auto.modes == ["discrete", "continuous"]
+    assert set(auto.mode_val_rmse) == {(0, "continuous"), (0, "discrete"), (1, "continuous"),
+                                       (1, "discrete")}
+    assert auto._requested_modes == ["auto", "auto"]
+    rmse = {}
+    for modes in (["continuous", "continuous"], ["discrete", "continuous"],
+                  ["discrete", "discrete"]):
+        m = FunctionalTucker([1, 1], modes=modes, **kw).fit(X, y)
+        rmse[tuple(modes)] = float(((m.predict(Xt).mean - yt) ** 2).mean().sqrt())
+    chosen = float(((auto.predict(Xt).mean - yt) ** 2).mean().sqrt())
+    assert chosen == pytest.approx(rmse[("discrete", "continuous")], rel=1e-10)
+    assert chosen < 0.7 * min(rmse[("continuous", "continuous")],
+                              rmse[("discrete", "discrete")])
