@@ -213,6 +213,48 @@ def run_dataset(name, loader, args, rows):
     return per
 
 
+def plot_nu_sweep(rows, path):
+    """Test accuracy and log-likelihood against nu (the ``nu sweep`` rows, ``inf`` drawn at
+    the right edge), with the CNN of the same run as a dashed line; one panel pair per
+    dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows
+                                  if r["model"].startswith("nu sweep")))
+    if not datasets:
+        raise SystemExit("no 'nu sweep' rows to plot: run with --nu-sweep")
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(9, 3.4 * len(datasets)), squeeze=False)
+    for ax_row, ds in zip(axes, datasets):
+        sweep = {}
+        for r in rows:
+            if r["dataset"] == ds and r["model"].startswith("nu sweep nu="):
+                sweep.setdefault(float(r["model"].split("=")[1]), {})[r["metric"]] = r["mean"]
+        nus = sorted(sweep)
+        finite = [v for v in nus if math.isfinite(v)]
+        x_inf = 10 * max(finite) if finite else 1.0
+        xs = [v if math.isfinite(v) else x_inf for v in nus]
+        for ax, metric in zip(ax_row, ("accuracy", "test LL")):
+            ax.plot(xs, [sweep[v][metric] for v in nus], "o-", label="conv DKM")
+            cnn = [r["mean"] for r in rows if r["dataset"] == ds and r["model"] == "CNN"
+                   and r["metric"] == metric]
+            if cnn:
+                ax.axhline(cnn[0], color="grey", ls="--", label="CNN (same epochs)")
+            ax.set_xscale("log")
+            ax.set_xticks(xs)
+            ax.set_xticklabels([f"{v:g}" if math.isfinite(v) else "inf (NNGP)" for v in nus])
+            ax.set_xlabel("nu (KL weight; inf = fixed NNGP kernels)")
+            ax.set_ylabel(f"test {metric}" if metric == "accuracy" else
+                          "test log-likelihood per point")
+            ax.set_title(ds)
+            ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def main(argv=None):
     p = make_parser(__doc__, splits=None)
     p.add_argument("--seeds", type=int, default=3, help="model seeds (and digits splits)")
@@ -235,7 +277,17 @@ def main(argv=None):
     p.add_argument("--shuffle", action="store_true", help="MNIST-1D with shuffled positions")
     p.add_argument("--models", type=lambda s: s.split(","),
                    default=["conv-dkm", "conv-nngp", "fc-dkm", "cnn"])
+    p.add_argument("--plot", default=None,
+                   help="draw test accuracy and log-likelihood against nu (the sweep rows)")
+    p.add_argument("--replot", type=Path, default=None,
+                   help="only draw --plot from the rows of a stored --json file")
     args = resolve(p.parse_args(argv))
+    if args.replot is not None:
+        import json
+
+        plot_nu_sweep(json.loads(args.replot.read_text())["rows"],
+                      args.plot or args.replot.with_suffix(".png"))
+        return
     datasets = args.datasets or ["mnist1d", "digits"]
     if args.quick:
         args.seeds, args.epochs, args.num_inducing = 1, 1, 16
@@ -257,6 +309,8 @@ def main(argv=None):
         if args.json:
             write_json(args.json, rows, args={k: str(v) for k, v in vars(args).items()})
     print_table(rows)
+    if args.plot and any(r["model"].startswith("nu sweep") for r in rows):
+        plot_nu_sweep(rows, args.plot)
     get = {(r["dataset"], r["model"], r["metric"]): r["mean"] for r in rows}
     for ds in dict.fromkeys(r["dataset"] for r in rows):
         dkm = [m for (d, m, k) in get if d == ds and m.startswith("conv DKM (") and

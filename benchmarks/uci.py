@@ -64,6 +64,65 @@ def run_dkm(d, M, epochs, batch, lr, seed, nu, ard=False, depth=2, kernel="relu"
     return ll, rmse, res.seconds_per_epoch
 
 
+def parse_grid(text):
+    """``"sqexp:10,sqexp:1000,relu:100"`` -> ``[("sqexp", 10.0), ...]`` (kernel, nu)."""
+    out = []
+    for item in text.split(","):
+        kernel, nu = item.split(":")
+        out.append((kernel, float(nu)))
+    return out
+
+
+def _fit_dkm_config(X, y, kernel, nu, depth, steps, lr, seed, exact_max, M, batch):
+    """One DKM with an ARD input layer and whitened Grams: the exact DKM (every training
+    point its own inducing point) when ``len(X) <= exact_max``, else the sparse DKM with
+    ``M`` inducing points and minibatches. Returns the model and seconds per epoch."""
+    import time
+
+    from pyro_dkm.dkm import DeepKernelMachine, ExactDeepKernelMachine, fit, select_inducing_points
+    torch.manual_seed(seed)
+    Xb = _with_bias(X)
+    if X.shape[0] <= exact_max:
+        model = ExactDeepKernelMachine(Xb, y, depth=depth, nu=nu, kernel=kernel,
+                                       input_ard=True, gram_parameterisation="whitened",
+                                       dtype=X.dtype)
+        t = time.perf_counter()
+        fit(model, Xb, y, num_steps=steps, lr=lr, progress=False, seed=seed)
+        return model, (time.perf_counter() - t) / steps  # one step = one epoch
+    model = DeepKernelMachine(select_inducing_points(Xb, M, seed=seed), depth=depth, nu=nu,
+                              kernel=kernel, input_ard=True, gram_parameterisation="whitened",
+                              dtype=X.dtype)
+    B = min(batch, X.shape[0])
+    epochs = max(1, math.ceil(steps / math.ceil(X.shape[0] / B)))
+    res = fit(model, Xb, y, epochs=epochs, batch_size=B, lr=lr, seed=seed, progress=False)
+    return model, res.seconds_per_epoch
+
+
+def run_dkm_val(d, args, seed):
+    """``DKM-val``: the (kernel, nu) of ``--val-grid`` with the best log-likelihood on a
+    random ``--val-fraction`` of the training rows (fitted on the rest), refitted on all
+    training rows. Only the training split is used to choose."""
+    N = d.X_train.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(N, generator=g)
+    n_val = max(1, int(round(args.val_fraction * N)))
+    iv, it = perm[:n_val], perm[n_val:]
+    scores = {}
+    for kernel, nu in args.val_grid:
+        m, _ = _fit_dkm_config(d.X_train[it], d.y_train[it], kernel, nu, args.val_depth,
+                               args.dkm_steps, args.dkm_lr, seed, args.exact_max,
+                               args.num_inducing, args.batch_size)
+        scores[(kernel, nu)] = gaussian_test_metrics(m.predict(_with_bias(d.X_train[iv])),
+                                                     d.y_train[iv])[0]
+    kernel, nu = max(scores, key=scores.get)
+    m, spe = _fit_dkm_config(d.X_train, d.y_train, kernel, nu, args.val_depth, args.dkm_steps,
+                             args.dkm_lr, seed, args.exact_max, args.num_inducing,
+                             args.batch_size)
+    ll, rmse = gaussian_test_metrics(m.predict(_with_bias(d.X_test)), d.y_test, d.y_mean,
+                                     d.y_std)
+    return ll, rmse, spe, f"{kernel}:{nu:g}"
+
+
 def run_baseline(name, d, M, epochs, batch, lr, seed, nngp_max, gp_steps=300,
                  gp_max=5000):
     if name == "GP-ARD":
@@ -104,11 +163,21 @@ def main(argv=None) -> int:
     p.add_argument("--nngp-max-train", type=int, default=2000)
     p.add_argument("--models", default="DKM,DKM-ARD,SVGP,DGP-2,NNGP,GP-ARD",
                    help="comma-separated from DKM, DKM-ARD (learned input lengthscales), SVGP, "
-                        "DGP-2, NNGP, GP-ARD (exact GP, ARD RBF kernel)")
+                        "DGP-2, NNGP, GP-ARD (exact GP, ARD RBF kernel), DKM-val (kernel and "
+                        "nu chosen on a validation part of the training split)")
     p.add_argument("--depth", type=int, default=2, help="DKM Gram layers")
     p.add_argument("--kernel", default="relu", help="DKM kernel (relu, sqexp, erf, ...)")
     p.add_argument("--gp-steps", type=int, default=300, help="GP-ARD Adam steps")
     p.add_argument("--gp-max-train", type=int, default=5000)
+    p.add_argument("--val-grid", type=parse_grid, default=parse_grid("sqexp:10,sqexp:1000,relu:100"),
+                   help="DKM-val candidates, kernel:nu pairs")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="DKM-val: share of the training rows held out to choose")
+    p.add_argument("--val-depth", type=int, default=1, help="DKM-val Gram layers")
+    p.add_argument("--dkm-steps", type=int, default=300, help="DKM-val Adam steps")
+    p.add_argument("--dkm-lr", type=float, default=0.05, help="DKM-val Adam learning rate")
+    p.add_argument("--exact-max", type=int, default=1000,
+                   help="DKM-val: the exact DKM up to this many training rows, else sparse")
     p.add_argument("--csv", type=Path, default=None, help="also write the rows as CSV")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads, the same for every model (default 1)")
@@ -119,6 +188,7 @@ def main(argv=None) -> int:
         args.splits = 1 if args.splits is None else min(args.splits, 1)
         args.nngp_max_train = 100
         args.gp_steps, args.gp_max_train = 5, 100
+        args.dkm_steps, args.val_grid = 5, args.val_grid[:2]
         if args.datasets is None:
             args.datasets = ["yacht"]
     torch.manual_seed(args.seed)
@@ -129,7 +199,11 @@ def main(argv=None) -> int:
     meta = dict(num_inducing=args.num_inducing, steps=args.steps, max_epochs=args.max_epochs,
                 batch_size=args.batch_size, lr=args.lr, nu=args.nu, threads=args.threads,
                 nngp_max_train=args.nngp_max_train, depth=args.depth, kernel=args.kernel,
-                gp_steps=args.gp_steps, gp_max_train=args.gp_max_train)
+                gp_steps=args.gp_steps, gp_max_train=args.gp_max_train,
+                val_grid=[f"{k}:{v:g}" for k, v in args.val_grid],
+                val_fraction=args.val_fraction, val_depth=args.val_depth,
+                dkm_steps=args.dkm_steps, dkm_lr=args.dkm_lr, exact_max=args.exact_max)
+    chosen = {}
     for name in names:
         n_splits = min(args.splits or 10**9, uci_n_splits(uci_dir / name))
         res = {m: {"ll": [], "rmse": [], "spe": []} for m in models}
@@ -144,7 +218,10 @@ def main(argv=None) -> int:
             budget[name] = {"n_train": N, "epochs": epochs, "steps": epochs * math.ceil(N / B)}
             for m in models:
                 torch.manual_seed(seed)
-                if m in DKMS:
+                if m == "DKM-val":
+                    *out, pick = run_dkm_val(d, args, seed)
+                    chosen.setdefault(name, []).append(pick)
+                elif m in DKMS:
                     out = run_dkm(d, args.num_inducing, epochs, B, args.lr, seed, args.nu,
                                   ard=m == "DKM-ARD", depth=args.depth, kernel=args.kernel)
                 else:
@@ -156,7 +233,7 @@ def main(argv=None) -> int:
                 part = [row(name, m, met, res[m][k]) for m in models
                         for k, met in (("ll", "test LL"), ("rmse", "RMSE"))]
                 write_json(args.json, rows + part, summary=f"partial: {name} split {split}",
-                           budget=budget, **meta)
+                           budget=budget, chosen=chosen, **meta)
         for m in models:
             label = m if m != "NNGP" else f"NNGP (exact, n<={args.nngp_max_train})"
             rows.append(row(name, label, "test LL", res[m]["ll"]))
@@ -173,17 +250,22 @@ def main(argv=None) -> int:
                 ratios.setdefault(k, []).append(sum(res[k]["spe"]) / sum(res["DGP-2"]["spe"]))
     print_table(rows)
     parts = []
+    if "DKM-val" in models and "GP-ARD" in models:
+        get = {(r["dataset"], r["model"], r["metric"]): r["mean"] for r in rows}
+        won = [n for n in names if get[(n, "DKM-val", "test LL")] >= get[(n, "GP-ARD", "test LL")]]
+        parts.append(f"DKM-val test LL >= GP-ARD on {len(won)}/{len(names)} datasets "
+                     f"({', '.join(won) or 'none'})")
     for k, rs in ratios.items():
         geo = math.exp(sum(math.log(r) for r in rs) / len(rs))
         parts.append(f"{k} test LL >= DGP-2 on {wins[k]}/{compared[k]} datasets; {k}/DGP-2 "
                      f"seconds per epoch: geometric mean {geo:.2f}x (range {min(rs):.2f}-"
                      f"{max(rs):.2f})")
     summary = ("; ".join(parts) + f" at {args.num_inducing} inducing points" if parts
-               else "no DKM vs DGP-2 comparison run")
+               else "no DKM vs DGP-2 or DKM-val vs GP-ARD comparison run")
     print(summary)
     if args.json:
         write_json(args.json, rows, summary=summary, argv=sys.argv[1:] if argv is None else argv,
-                   budget=budget, **meta)
+                   budget=budget, chosen=chosen, **meta)
     if args.csv:
         write_csv(args.csv, rows)
     return 0

@@ -110,3 +110,33 @@ def test_conv_dkm_quick(tmp_path):
         if r["metric"] == "test LL":
             assert r["mean"] < 0
     assert "conv DKM accuracy" in stdout.splitlines()[-1]
+
+
+def test_conv_dkm_replot_draws_the_stored_nu_sweep(tmp_path):
+    # --replot reads a stored --json file's rows and draws accuracy / LL against nu
+    pytest.importorskip("matplotlib")
+    rows = [row("mnist1d", f"nu sweep nu={nu:g}", metric, [v])
+            for nu, acc in ((1.0, 0.97), (100.0, 0.9), (math.inf, 0.75))
+            for metric, v in (("accuracy", acc), ("test LL", math.log(acc)))]
+    rows.append(row("mnist1d", "CNN", "accuracy", [0.93]))
+    src = tmp_path / "stored.json"
+    src.write_text(json.dumps({"meta": {}, "rows": rows}))
+    png = tmp_path / "sweep.png"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "conv_dkm.py"),
+                          "--replot", str(src), "--plot", str(png)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_data
+def test_uci_dkm_val_quick(tmp_path):
+    # DKM-val beside GP-ARD: the settings it chose are recorded per split, and the closing
+    # line counts the datasets where it is at least as good as the exact ARD GP
+    stdout, data = _run("uci.py", "--models", "DKM-val,GP-ARD", tmp_path=tmp_path)
+    rows = data["rows"]
+    assert {r["model"] for r in rows} == {"DKM-val", "GP-ARD"}
+    assert all(math.isfinite(r["mean"]) for r in rows)
+    (choice,) = data["meta"]["chosen"]["yacht"]
+    assert choice in data["meta"]["val_grid"]
+    assert "DKM-val test LL >= GP-ARD on" in stdout.splitlines()[-1]

@@ -39,6 +39,10 @@ class ExactDeepKernelMachine(PyroModule):
         X: ``(P, d)`` training inputs; y: ``(P,)`` or ``(P, C)`` targets.
         depth, nu, kernel, noise, kl, lengthscale, gram_parameterisation, dtype: as for
             :class:`~pyro_dkm.dkm.DeepKernelMachine`.
+        input_ard: learn one input lengthscale per feature, ``G_0 = (X/l)(X/l)^T / d``
+            (``input_layer.input_lengthscale``, a ``PyroParam`` initialised at 1): with
+            ``depth=0`` and ``kernel="sqexp"`` the model is a GP with an ARD squared
+            exponential kernel of unit amplitude on the standardised targets.
         standardise: model ``z = (y - y_loc) / y_scale`` with the per-channel mean and
             standard deviation (``ddof=0``) of ``y`` (buffers ``y_loc``, ``y_scale``), so the
             fit is equivariant to ``y``'s units and offset; ``noise`` is in ``z``'s units,
@@ -53,7 +57,7 @@ class ExactDeepKernelMachine(PyroModule):
                  nu: float | Sequence[float] = 1.0, kernel: str | GramKernel | Sequence = "relu",
                  noise: float = 0.1, kl: str = "exact", lengthscale: float = 1.0,
                  gram_parameterisation: str = "cholesky", dtype: torch.dtype = torch.float64,
-                 standardise: bool = True):
+                 standardise: bool = True, input_ard: bool = False):
         super().__init__()
         check_tensor(X, "X", ndim=2)
         check_tensor(y, "y", min_ndim=1)
@@ -78,7 +82,7 @@ class ExactDeepKernelMachine(PyroModule):
         self.register_buffer("y_scale", scale)
         nus = [float(v) for v in _per_layer(nu, depth, "nu")]
         kernels = _per_layer(kernel, depth + 1, "kernel")
-        self.input_layer = InputGram(X.to(torch.float64), learn_inducing=False)
+        self.input_layer = InputGram(X.to(torch.float64), learn_inducing=False, ard=input_ard)
         self.kernel_layers = PyroModule[torch.nn.ModuleList](
             [KernelLayer(k, lengthscale=lengthscale) for k in kernels])
         self.gram_layers = PyroModule[torch.nn.ModuleList](
@@ -113,6 +117,8 @@ class ExactDeepKernelMachine(PyroModule):
 
     def _input_gram(self) -> Tensor:
         X = self.X_train
+        if self.input_layer.ard:
+            X = X / self.input_layer.input_lengthscale
         return X @ X.mT / X.shape[1]
 
     @pyro_method
