@@ -73,54 +73,67 @@ def parse_grid(text):
     return out
 
 
-def _fit_dkm_config(X, y, kernel, nu, depth, steps, lr, seed, exact_max, M, batch):
-    """One DKM with an ARD input layer and whitened Grams: the exact DKM (every training
-    point its own inducing point) when ``len(X) <= exact_max``, else the sparse DKM with
-    ``M`` inducing points and minibatches. Returns the model and seconds per epoch."""
+def _fit_dkm_config(X, y, kernel, nu, args, seed, steps, score=None):
+    """One DKM with an ARD input layer, whitened Grams and a learned output amplitude and
+    constant: the exact DKM (every training point its own inducing point) when
+    ``len(X) <= --exact-max``, else the sparse DKM with ``--num-inducing`` points and
+    minibatches. ``score(model)`` is called every ``--val-every`` steps; its values are
+    returned with the model and the seconds per epoch."""
     import time
 
     from pyro_dkm.dkm import DeepKernelMachine, ExactDeepKernelMachine, fit, select_inducing_points
     torch.manual_seed(seed)
     Xb = _with_bias(X)
-    if X.shape[0] <= exact_max:
-        model = ExactDeepKernelMachine(Xb, y, depth=depth, nu=nu, kernel=kernel,
+    scores = {}
+
+    def callback(step, _loss):
+        if score is not None and step % args.val_every == 0:
+            scores[step] = score(model)
+        return False
+
+    if X.shape[0] <= args.exact_max:
+        model = ExactDeepKernelMachine(Xb, y, depth=args.val_depth, nu=nu, kernel=kernel,
                                        input_ard=True, gram_parameterisation="whitened",
-                                       dtype=X.dtype)
+                                       output_variance=True, dtype=X.dtype)
         t = time.perf_counter()
-        fit(model, Xb, y, num_steps=steps, lr=lr, progress=False, seed=seed)
-        return model, (time.perf_counter() - t) / steps  # one step = one epoch
-    model = DeepKernelMachine(select_inducing_points(Xb, M, seed=seed), depth=depth, nu=nu,
-                              kernel=kernel, input_ard=True, gram_parameterisation="whitened",
-                              dtype=X.dtype)
-    B = min(batch, X.shape[0])
-    epochs = max(1, math.ceil(steps / math.ceil(X.shape[0] / B)))
-    res = fit(model, Xb, y, epochs=epochs, batch_size=B, lr=lr, seed=seed, progress=False)
-    return model, res.seconds_per_epoch
+        fit(model, Xb, y, num_steps=steps, lr=args.dkm_lr, progress=False, seed=seed,
+            callback=callback)
+        spe = (time.perf_counter() - t) / steps  # one step = one epoch
+        return model, spe, scores
+    model = DeepKernelMachine(select_inducing_points(Xb, args.num_inducing, seed=seed),
+                              depth=args.val_depth, nu=nu, kernel=kernel, input_ard=True,
+                              gram_parameterisation="whitened", dtype=X.dtype)
+    B = min(args.batch_size, X.shape[0])
+    res = fit(model, Xb, y, num_steps=steps, batch_size=B, lr=args.dkm_lr, seed=seed,
+              progress=False, callback=callback)
+    return model, res.seconds_per_epoch, scores
 
 
 def run_dkm_val(d, args, seed):
-    """``DKM-val``: the (kernel, nu) of ``--val-grid`` with the best log-likelihood on a
-    random ``--val-fraction`` of the training rows (fitted on the rest), refitted on all
-    training rows. Only the training split is used to choose."""
+    """``DKM-val``: the (kernel, nu, number of steps) of ``--val-grid`` x every
+    ``--val-every`` steps up to ``--dkm-steps`` with the best log-likelihood on a random
+    ``--val-fraction`` of the training rows (fitted on the rest), refitted on all training
+    rows. Only the training split is used to choose."""
     N = d.X_train.shape[0]
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(N, generator=g)
     n_val = max(1, int(round(args.val_fraction * N)))
     iv, it = perm[:n_val], perm[n_val:]
+    Xv = d.X_train[iv]
+
+    def score(model):
+        return gaussian_test_metrics(model.predict(_with_bias(Xv)), d.y_train[iv])[0]
+
     scores = {}
     for kernel, nu in args.val_grid:
-        m, _ = _fit_dkm_config(d.X_train[it], d.y_train[it], kernel, nu, args.val_depth,
-                               args.dkm_steps, args.dkm_lr, seed, args.exact_max,
-                               args.num_inducing, args.batch_size)
-        scores[(kernel, nu)] = gaussian_test_metrics(m.predict(_with_bias(d.X_train[iv])),
-                                                     d.y_train[iv])[0]
-    kernel, nu = max(scores, key=scores.get)
-    m, spe = _fit_dkm_config(d.X_train, d.y_train, kernel, nu, args.val_depth, args.dkm_steps,
-                             args.dkm_lr, seed, args.exact_max, args.num_inducing,
-                             args.batch_size)
+        _, _, sc = _fit_dkm_config(d.X_train[it], d.y_train[it], kernel, nu, args, seed,
+                                   args.dkm_steps, score)
+        scores.update({(kernel, nu, step): v for step, v in sc.items()})
+    kernel, nu, steps = max(scores, key=scores.get)
+    m, spe, _ = _fit_dkm_config(d.X_train, d.y_train, kernel, nu, args, seed, steps)
     ll, rmse = gaussian_test_metrics(m.predict(_with_bias(d.X_test)), d.y_test, d.y_mean,
                                      d.y_std)
-    return ll, rmse, spe, f"{kernel}:{nu:g}"
+    return ll, rmse, spe, f"{kernel}:{nu:g}:{steps}"
 
 
 def run_baseline(name, d, M, epochs, batch, lr, seed, nngp_max, gp_steps=300,
@@ -169,12 +182,16 @@ def main(argv=None) -> int:
     p.add_argument("--kernel", default="relu", help="DKM kernel (relu, sqexp, erf, ...)")
     p.add_argument("--gp-steps", type=int, default=300, help="GP-ARD Adam steps")
     p.add_argument("--gp-max-train", type=int, default=5000)
-    p.add_argument("--val-grid", type=parse_grid, default=parse_grid("sqexp:10,sqexp:1000,relu:100"),
+    p.add_argument("--val-grid", type=parse_grid,
+                   default=parse_grid("sqexp:10,sqexp:100,sqexp:1000"),
                    help="DKM-val candidates, kernel:nu pairs")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="DKM-val: share of the training rows held out to choose")
     p.add_argument("--val-depth", type=int, default=1, help="DKM-val Gram layers")
-    p.add_argument("--dkm-steps", type=int, default=300, help="DKM-val Adam steps")
+    p.add_argument("--dkm-steps", type=int, default=400, help="DKM-val: most Adam steps")
+    p.add_argument("--val-every", type=int, default=50,
+                   help="DKM-val: score the held-out rows every this many steps (the number "
+                        "of steps is chosen with the kernel and nu)")
     p.add_argument("--dkm-lr", type=float, default=0.05, help="DKM-val Adam learning rate")
     p.add_argument("--exact-max", type=int, default=1000,
                    help="DKM-val: the exact DKM up to this many training rows, else sparse")
@@ -188,7 +205,7 @@ def main(argv=None) -> int:
         args.splits = 1 if args.splits is None else min(args.splits, 1)
         args.nngp_max_train = 100
         args.gp_steps, args.gp_max_train = 5, 100
-        args.dkm_steps, args.val_grid = 5, args.val_grid[:2]
+        args.dkm_steps, args.val_every, args.val_grid = 6, 3, args.val_grid[:2]
         if args.datasets is None:
             args.datasets = ["yacht"]
     torch.manual_seed(args.seed)
@@ -202,7 +219,8 @@ def main(argv=None) -> int:
                 gp_steps=args.gp_steps, gp_max_train=args.gp_max_train,
                 val_grid=[f"{k}:{v:g}" for k, v in args.val_grid],
                 val_fraction=args.val_fraction, val_depth=args.val_depth,
-                dkm_steps=args.dkm_steps, dkm_lr=args.dkm_lr, exact_max=args.exact_max)
+                dkm_steps=args.dkm_steps, val_every=args.val_every, dkm_lr=args.dkm_lr,
+                exact_max=args.exact_max)
     chosen = {}
     for name in names:
         n_splits = min(args.splits or 10**9, uci_n_splits(uci_dir / name))

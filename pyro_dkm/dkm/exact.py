@@ -43,6 +43,11 @@ class ExactDeepKernelMachine(PyroModule):
             (``input_layer.input_lengthscale``, a ``PyroParam`` initialised at 1): with
             ``depth=0`` and ``kernel="sqexp"`` the model is a GP with an ARD squared
             exponential kernel of unit amplitude on the standardised targets.
+        output_variance: learn an amplitude ``s2`` and a constant ``b`` of the output GP's
+            kernel, ``y ~ N(0, s2 K(G_L) + b 11^T + noise I)`` (``output_variance`` and
+            ``output_bias``, ``PyroParam`` s initialised at 1 and 0.1): the amplitude and
+            the marginalised constant mean of an ordinary GP; ``False`` (default):
+            ``s2 = 1``, ``b = 0``.
         standardise: model ``z = (y - y_loc) / y_scale`` with the per-channel mean and
             standard deviation (``ddof=0``) of ``y`` (buffers ``y_loc``, ``y_scale``), so the
             fit is equivariant to ``y``'s units and offset; ``noise`` is in ``z``'s units,
@@ -57,7 +62,8 @@ class ExactDeepKernelMachine(PyroModule):
                  nu: float | Sequence[float] = 1.0, kernel: str | GramKernel | Sequence = "relu",
                  noise: float = 0.1, kl: str = "exact", lengthscale: float = 1.0,
                  gram_parameterisation: str = "cholesky", dtype: torch.dtype = torch.float64,
-                 standardise: bool = True, input_ard: bool = False):
+                 standardise: bool = True, input_ard: bool = False,
+                 output_variance: bool = False):
         super().__init__()
         check_tensor(X, "X", ndim=2)
         check_tensor(y, "y", min_ndim=1)
@@ -89,6 +95,12 @@ class ExactDeepKernelMachine(PyroModule):
             [GramLayer(P, nu=v, kl=kl, parameterisation=gram_parameterisation) for v in nus])
         self.noise = PyroParam(torch.tensor(float(noise), dtype=torch.float64),
                                constraints.positive)
+        self.learn_output_variance = bool(output_variance)
+        if self.learn_output_variance:
+            self.output_variance = PyroParam(torch.tensor(1.0, dtype=torch.float64),
+                                             constraints.positive)
+            self.output_bias = PyroParam(torch.tensor(0.1, dtype=torch.float64),
+                                         constraints.positive)
         self.to(dtype)
         self.reset_to_nngp()
 
@@ -123,7 +135,8 @@ class ExactDeepKernelMachine(PyroModule):
 
     @pyro_method
     def grams(self) -> tuple[list[Tensor], Tensor, list[Tensor]]:
-        """Learned Grams ``[G_1..G_L]``, top kernel ``K(G_L)`` and per-layer KLs."""
+        """Learned Grams ``[G_1..G_L]``, the output GP's kernel ``s2 K(G_L) + b`` and the
+        per-layer KLs."""
         sync_param_store(self)
         G = self._input_gram()
         Gs, kls = [], []
@@ -134,7 +147,13 @@ class ExactDeepKernelMachine(PyroModule):
             kls.append(gl.kl(K, G_tril, K_tril))
             G = G_tril @ G_tril.mT
             Gs.append(G)
-        return Gs, self.kernel_layers[-1].kernel()(G), kls
+        return Gs, self._output_kernel(self.kernel_layers[-1].kernel()(G)), kls
+
+    def _output_kernel(self, K: Tensor) -> Tensor:
+        """``s2 K + b`` (``K`` itself unless ``output_variance=True``)."""
+        if not self.learn_output_variance:
+            return K
+        return self.output_variance * K + self.output_bias
 
     def _marginal_tril(self, K_top: Tensor) -> Tensor:
         eye = torch.eye(K_top.shape[-1], dtype=K_top.dtype, device=K_top.device)
@@ -187,8 +206,9 @@ class ExactDeepKernelMachine(PyroModule):
                 K_tril = cholesky(K.ii, name="K (kernel of the previous layer's Gram)")
                 G = propagate_gram(K, gl.factor(K_tril), K_tril)
             K = self.kernel_layers[-1](G)
-            means.append(K.ti @ alpha)
-            v = K.t_diag - tril_solve(L, K.ti.mT).pow(2).sum(-2)
+            K_ti, K_tt = self._output_kernel(K.ti), self._output_kernel(K.t_diag)
+            means.append(K_ti @ alpha)
+            v = K_tt - tril_solve(L, K_ti.mT).pow(2).sum(-2)
             v = v.clamp_min(0) + (self.noise if include_noise else 0.0)
             variances.append(v[:, None].expand(-1, self.out_channels))
         mean = self.y_loc + self.y_scale * torch.cat(means)  # back to y's units

@@ -110,23 +110,25 @@ def test_pyro_loss_equals_exact_objective():
 
 
 def test_depth_zero_ard_sqexp_exact_dkm_is_an_ard_rbf_gp():
-    # input_ard=True, depth 0, kernel "sqexp": K = exp(-|(x - x') / l|^2 / (2 d ls^2)), an
-    # ARD squared-exponential GP of unit amplitude on the targets. The objective equals the
-    # closed-form log marginal likelihood and predict equals the GP posterior (1e-10), at
-    # lengthscales moved away from their initial value; the ARD gradient is nonzero per
-    # feature.
+    # input_ard=True, output_variance=True, depth 0, kernel "sqexp": the ARD
+    # squared-exponential GP with a marginalised constant mean,
+    # K = s2 exp(-|(x - x') / l|^2 / (2 d ls^2)) + b. The objective equals the closed-form
+    # log marginal likelihood and predict the GP posterior (1e-10), at hyper-parameters
+    # moved away from their initial values; every new parameter gets a nonzero gradient.
     g = torch.Generator().manual_seed(3)
     X = torch.randn(25, 3, generator=g, dtype=torch.float64)
     y = torch.sin(2 * X[:, 0]) + 0.1 * torch.randn(25, generator=g, dtype=torch.float64)
     Xt = torch.randn(7, 3, generator=g, dtype=torch.float64)
     m = ExactDeepKernelMachine(X, y, depth=0, kernel="sqexp", input_ard=True, noise=0.05,
-                               standardise=False, lengthscale=0.7)
+                               standardise=False, lengthscale=0.7, output_variance=True)
     ell = torch.tensor([0.3, 2.0, 5.0], dtype=torch.float64)
     m.input_layer.input_lengthscale = ell
+    m.output_variance = torch.tensor(2.3, dtype=torch.float64)
+    m.output_bias = torch.tensor(0.4, dtype=torch.float64)
 
     def k(A, B):
         d2 = (((A[:, None] - B[None]) / ell) ** 2).sum(-1)
-        return torch.exp(-d2 / (2 * 3 * 0.7 ** 2))
+        return 2.3 * torch.exp(-d2 / (2 * 3 * 0.7 ** 2)) + 0.4
 
     K = k(X, X) + 0.05 * torch.eye(25, dtype=torch.float64)
     want = torch.distributions.MultivariateNormal(torch.zeros(25, dtype=torch.float64),
@@ -136,8 +138,10 @@ def test_depth_zero_ard_sqexp_exact_dkm_is_an_ard_rbf_gp():
     Kt = k(Xt, X)
     torch.testing.assert_close(pred.mean, Kt @ torch.linalg.solve(K, y), rtol=1e-10,
                                atol=1e-10)
-    var = 1 - (Kt * torch.linalg.solve(K, Kt.mT).mT).sum(-1) + 0.05
+    var = 2.3 + 0.4 - (Kt * torch.linalg.solve(K, Kt.mT).mT).sum(-1) + 0.05
     torch.testing.assert_close(pred.variance, var, rtol=1e-10, atol=1e-10)
     m.objective().backward()
     grad = m.input_layer.input_lengthscale_unconstrained.grad
     assert grad is not None and (grad.abs() > 1e-6).all()
+    assert abs(float(m.output_variance_unconstrained.grad)) > 1e-6
+    assert abs(float(m.output_bias_unconstrained.grad)) > 1e-6
