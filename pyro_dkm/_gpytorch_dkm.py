@@ -92,7 +92,7 @@ class DeepKernelMachineGP(gpytorch.models.GP):
         K, K_tril, kls = self.dkm.forward_blocks(X)
         self._last_K_tril = K_tril
         mean, var = self.dkm.output.marginals(*conditional_weights(K, K_tril))
-        gram_kl = sum((layer.nu * kl for layer, kl in zip(self.dkm.gram_layers, kls)),
+        gram_kl = sum((layer.kl_weight * kl for layer, kl in zip(self.dkm.gram_layers, kls)),
                       X.new_zeros(()))
         self.update_added_loss_term("dkm_gram_kl", _GramKLTerm(gram_kl, self.num_data))
         var = var[:, 0].clamp_min(torch.finfo(var.dtype).tiny)

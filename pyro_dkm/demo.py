@@ -69,9 +69,8 @@ def _run(split: int, steps: int, seed: int, lr: float, num_inducing: int, baseli
                n_train=len(y), n_test=len(data.y_test_original),
                y_test=data.y_test_original)
     if baseline:
-        nngp = DeepKernelMachine(Z, depth=2, kernel="relu", gram_parameterisation="whitened")
-        for layer in nngp.gram_layers:  # V = I frozen: G_l = K(G_{l-1}), the NNGP
-            layer.requires_grad_(False)
+        # nu = inf: every Gram held at its prior, G_l = K(G_{l-1}): the NNGP
+        nngp = DeepKernelMachine(Z, depth=2, nu=math.inf, kernel="relu")
         out["baseline"] = _fit_and_score(nngp, data, X, y, steps, lr, seed, progress,
                                          with_bias)
     return out

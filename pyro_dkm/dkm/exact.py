@@ -166,13 +166,13 @@ class ExactDeepKernelMachine(PyroModule):
         L = self._marginal_tril(K_top)
         ll = gaussian_log_marginal(L, self._z_train().mT).sum()
         ll = ll - self.y_train.shape[0] * self.y_scale.log().sum()  # Jacobian of z(y)
-        return ll - sum(gl.nu * kl for gl, kl in zip(self.gram_layers, kls))
+        return ll - sum(gl.kl_weight * kl for gl, kl in zip(self.gram_layers, kls))
 
     @pyro_method
     def model(self, *args, **kwargs):
         _, K_top, kls = self.grams()
         for l, (kl, gl) in enumerate(zip(kls, self.gram_layers)):
-            pyro.factor(f"kl_{l}", -gl.nu * kl)
+            pyro.factor(f"kl_{l}", -gl.kl_weight * kl)
         L = self._marginal_tril(K_top)
         # y_c ~ N(y_loc_c, y_scale_c^2 (K + noise I)): the exact density of the raw targets
         loc = self.y_loc[:, None].expand(self.out_channels, L.shape[-1])

@@ -20,6 +20,8 @@ Every layer maps a :class:`~pyro_dkm.dkm.gram_blocks.GramBlocks` state to the ne
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pyro.nn import PyroModule, PyroParam
 from torch import Tensor
@@ -184,7 +186,9 @@ class GramLayer(PyroModule):
     Args:
         num_inducing: ``M``.
         nu: regularisation strength :math:`\nu > 0` (width of the layer relative to the
-            data; :math:`\nu\to\infty` is the NNGP).
+            data; :math:`\nu\to\infty` is the NNGP). ``float("inf")``: the Gram is held
+            at its prior ``K_ii`` (the NNGP limit: no trainable Gram, no KL term;
+            :attr:`kl_weight` is 0).
         kl: ``"exact"`` (default) or ``"taylor"`` (:math:`\tfrac14\|L^{-1}K L^{-T}-I\|_F^2`,
             finite for badly conditioned Grams).
         parameterisation: ``"cholesky"`` or ``"whitened"``.
@@ -196,19 +200,32 @@ class GramLayer(PyroModule):
         if not isinstance(num_inducing, int) or num_inducing < 1:
             raise ValueError(f"num_inducing must be a positive int, got {num_inducing!r}")
         nu = float(nu)
-        if not nu > 0 or nu == float("inf"):
-            raise ValueError(f"nu must be positive and finite, got {nu}")
+        if not nu > 0:
+            raise ValueError(f"nu must be positive (float('inf') for the NNGP limit), got {nu}")
         if kl not in ("exact", "taylor"):
             raise ValueError(f"kl must be 'exact' or 'taylor', got {kl!r}")
         if parameterisation not in ("cholesky", "whitened"):
             raise ValueError(f"parameterisation must be 'cholesky' or 'whitened', got "
                              f"{parameterisation!r}")
         self.nu = nu
+        self.fixed = math.isinf(nu)
         self.kl_form = kl
         self.parameterisation = parameterisation
         M = num_inducing
-        self.gram_tril_offdiag = torch.nn.Parameter(torch.zeros(M, M, dtype=torch.float64))
-        self.gram_log_diag = torch.nn.Parameter(torch.zeros(M, dtype=torch.float64))
+        offdiag = torch.zeros(M, M, dtype=torch.float64)
+        log_diag = torch.zeros(M, dtype=torch.float64)
+        if self.fixed:  # held at the prior: buffers (same state-dict keys), nothing to train
+            self.register_buffer("gram_tril_offdiag", offdiag)
+            self.register_buffer("gram_log_diag", log_diag)
+        else:
+            self.gram_tril_offdiag = torch.nn.Parameter(offdiag)
+            self.gram_log_diag = torch.nn.Parameter(log_diag)
+
+    @property
+    def kl_weight(self) -> float:
+        """The weight of this layer's KL in the objective: ``nu``, or 0 at ``nu = inf``
+        (where the Gram is the prior and the KL is 0)."""
+        return 0.0 if self.fixed else self.nu
 
     @property
     def whitened(self) -> bool:
@@ -220,7 +237,13 @@ class GramLayer(PyroModule):
 
     def factor(self, K_tril: Tensor | None = None) -> Tensor:
         """Lower Cholesky factor of the learned inducing Gram (``K_tril`` = chol of the
-        previous layer's kernel at the inducing points: needed when whitened)."""
+        previous layer's kernel at the inducing points: needed when whitened, and at
+        ``nu = inf``, where the factor is ``K_tril`` itself)."""
+        if self.fixed:
+            if K_tril is None:
+                raise ValueError("a GramLayer with nu=inf is its prior: it needs K_tril (the "
+                                 "Cholesky factor of the kernel at the inducing points)")
+            return K_tril
         V = self.raw_factor()
         if not self.whitened:
             return V
@@ -244,6 +267,9 @@ class GramLayer(PyroModule):
     def set_gram(self, G_ii: Tensor | None = None, *, G_tril: Tensor | None = None,
                  K_tril: Tensor | None = None) -> None:
         """Set the learned inducing Gram (whitened: also give ``K_tril``)."""
+        if self.fixed:
+            raise ValueError("a GramLayer with nu=inf is held at its prior; its Gram cannot "
+                             "be set (use a finite nu)")
         if G_tril is None:
             G_tril = cholesky(G_ii, name="G_ii")
         if self.whitened:
@@ -256,6 +282,8 @@ class GramLayer(PyroModule):
     @torch.no_grad()
     def reset_to_prior(self, K_ii: Tensor) -> None:
         """Set ``G_ii = K_ii`` (the NNGP value)."""
+        if self.fixed:
+            return
         if self.whitened:
             self.gram_tril_offdiag.zero_()
             self.gram_log_diag.zero_()
@@ -263,6 +291,8 @@ class GramLayer(PyroModule):
             self.set_gram(K_ii)
 
     def kl(self, K_ii: Tensor, G_tril: Tensor, K_tril: Tensor) -> Tensor:
+        if self.fixed:
+            return K_ii.new_zeros(())
         if self.kl_form == "taylor":
             return kl_zero_mean_gaussians_taylor(None, K_ii, G_tril=G_tril)
         if self.whitened:

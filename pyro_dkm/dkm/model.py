@@ -403,7 +403,7 @@ class DeepKernelMachine(PyroModule):
         X = self._check_X(X)
         K, K_tril, kls = self.forward_blocks(X)
         for l, (kl, layer) in enumerate(zip(kls, self.gram_layers)):
-            pyro.factor(self._pyro_get_fullname(f"kl_{l}"), -layer.nu * kl)
+            pyro.factor(self._pyro_get_fullname(f"kl_{l}"), -layer.kl_weight * kl)
         u = pyro.sample(self._pyro_get_fullname("u"), self.output.prior(K_tril))
         W, resid = conditional_weights(K, K_tril)
         mean, var = self.output.marginals(W, resid, None if self.analytic_expectation else u)
@@ -485,7 +485,7 @@ class DeepKernelMachine(PyroModule):
         if num_data is not None:
             ell = ell * (num_data / X.shape[0])
         kl_u = self.output.kl_to_prior(K_tril)
-        return ell - sum(layer.nu * kl for layer, kl in zip(self.gram_layers, kls)) - kl_u
+        return ell - sum(layer.kl_weight * kl for layer, kl in zip(self.gram_layers, kls)) - kl_u
 
     @torch.no_grad()
     @pyro_method

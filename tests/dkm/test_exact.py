@@ -5,7 +5,7 @@ import pyro.infer
 import torch
 from dkm_helpers import perturb_grams, toy_regression
 
-from pyro_dkm.dkm import ExactDeepKernelMachine, fit_lbfgs
+from pyro_dkm.dkm import ExactDeepKernelMachine, fit, fit_lbfgs
 from pyro_dkm.kernels import Dense, Relu, serial
 
 
@@ -145,3 +145,24 @@ def test_depth_zero_ard_sqexp_exact_dkm_is_an_ard_rbf_gp():
     assert grad is not None and (grad.abs() > 1e-6).all()
     assert abs(float(m.output_variance_unconstrained.grad)) > 1e-6
     assert abs(float(m.output_bias_unconstrained.grad)) > 1e-6
+
+
+def test_nu_inf_exact_dkm_stays_nngp_regression_while_the_noise_trains():
+    # nu = inf: the Grams are the NNGP's whatever is trained (here the noise): after Adam
+    # steps the objective is the NNGP GP's log marginal likelihood and the predictions
+    # NNGP GP regression, with the fitted noise (1e-8); there is no Gram parameter
+    X, y = toy_regression(20)
+    Xt, _ = toy_regression(7, seed=4)
+    m = ExactDeepKernelMachine(X, y, depth=2, nu=float("inf"), standardise=False)
+    assert [n for n, _ in m.named_parameters()] == ["noise_unconstrained"]
+    fit(m, X, y, num_steps=30, lr=0.05, progress=False)
+    noise = float(m.noise.detach())
+    assert abs(noise - 0.1) > 1e-3  # it moved
+    mean, var = _nngp_regression(X, y, Xt, noise, depth=2)
+    pred = m.predict(Xt)
+    torch.testing.assert_close(pred.mean, mean, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(pred.variance, var, rtol=1e-8, atol=1e-9)
+    K = _nngp_fn(2)(X) + noise * torch.eye(20, dtype=torch.float64)
+    want = torch.distributions.MultivariateNormal(torch.zeros(20, dtype=torch.float64),
+                                                  K).log_prob(y)
+    torch.testing.assert_close(m.objective().detach(), want, rtol=1e-8, atol=1e-8)

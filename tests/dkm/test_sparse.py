@@ -256,3 +256,28 @@ def test_fit_closed_form_path_matches_pyro_path():
         runs.append(res.losses)
     for a, b in zip(*runs):
         assert abs(a - b) < 1e-9 * abs(b), runs
+
+
+def test_nu_inf_keeps_the_nngp_through_fit():
+    # nu = inf holds every Gram at its prior through pyro_dkm's fit (inducing inputs, q(u)
+    # and the noise train): the top-layer kernel blocks stay the input-space NNGP of the
+    # moved inducing inputs (1e-10), and no Gram is a parameter. (Freezing a whitened
+    # V = I by requires_grad_(False), the earlier recipe, does not survive: Pyro
+    # re-enables gradients of a PyroModule's parameters when the model runs.)
+    from pyro_dkm.dkm import fit
+    from pyro_dkm.kernels import Dense, Relu, serial
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 3, generator=g, dtype=torch.float64)
+    y = torch.sin(2 * X[:, 0]) + 0.1 * torch.randn(60, generator=g, dtype=torch.float64)
+    Z0 = X[:8].clone()
+    m = DeepKernelMachine(Z0, depth=2, nu=math.inf)
+    assert not any("gram" in n for n, _ in m.named_parameters())
+    fit(m, X, y, num_steps=25, lr=0.05, progress=False)
+    Z = m.input_layer.inducing_points.detach()
+    assert float((Z - Z0).abs().max()) > 1e-3  # the inducing inputs moved
+    k = serial(Relu(), Dense(2.0, 0.0), Relu(), Dense(2.0, 0.0), Relu(), Dense(2.0, 0.0))
+    K, _, kls = m.forward_blocks(X)
+    torch.testing.assert_close(K.ii.detach(), k(Z), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(K.ti.detach(), k(X, Z), rtol=1e-10, atol=1e-10)
+    assert all(float(kl) == 0.0 for kl in kls)
