@@ -352,8 +352,12 @@ def test_special_values_used_above():
 @pytest.mark.parametrize("process", ["gp", "student_t"])
 def test_fit_and_predictive_rescale_with_the_targets(process):
     # y -> c y (c = 1e4, 1e-4, 1e8): the fit happens in units where y's spread is O(1), so
-    # the fitted noise scales by c^2 and the predictive centre by c (EM tolerance: 1e-8
-    # relative); before, the noise hit a bound (1e6 at c = 1e4) and the predictions moved.
+    # the fitted noise scales by c^2 and the predictive centre by c; before, the noise hit
+    # a bound (1e6 at c = 1e4) and the predictions moved. EM stops on the bound's change
+    # (1e-8 n) and the M-step's optimiser has its own tolerance, so the noise itself is
+    # fixed only to ~1e-7 relative: rounding alone (1 vs 2 BLAS threads, the same data)
+    # moves it by 5e-8. Checked to 1e-6 relative; the bound and the predictive centre,
+    # flat in that direction, to 1e-6 and 1e-8.
     g = torch.Generator().manual_seed(0)
     X = torch.randn(60, 2, generator=g, dtype=torch.float64)
     y = torch.sin(X[:, 0]) + 0.1 * torch.randn(60, generator=g, dtype=torch.float64)
@@ -364,7 +368,7 @@ def test_fit_and_predictive_rescale_with_the_targets(process):
     for c in (1e4, 1e-4, 1e8):
         m = RobustRegression(X, c * y, process=process)
         fit = m.fit()
-        assert abs(fit.params["noise"] / (c * c) - fit0.params["noise"]) < 1e-8 * fit0.params[
+        assert abs(fit.params["noise"] / (c * c) - fit0.params["noise"]) < 1e-6 * fit0.params[
             "noise"], c
         p = m.predict(Xt)
         torch.testing.assert_close(p.loc / c, p0.loc, rtol=1e-8, atol=1e-10)
