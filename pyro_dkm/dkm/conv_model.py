@@ -54,7 +54,8 @@ class ConvDeepKernelMachine(DeepKernelMachine):
             ``1 + len(filters)`` learned Gram layers.
         pool: average-pooling window after each learned Gram layer (one int or one per
             layer; 1 = none).
-        nu: :math:`\nu_l` per learned Gram layer (one float or a list).
+        nu: :math:`\nu_l` per learned Gram layer (one float or a list); ``float("inf")``
+            holds a Gram at its prior (the conv NNGP kernel machine).
         out_channels: classes (categorical) or output channels (Gaussian).
         likelihood: ``"tempered_categorical"`` (default: softmax of ``f / T``, ``T``
             learned), ``"categorical"``, ``"gaussian"`` or any likelihood object.

@@ -81,7 +81,8 @@ class DeepKernelMachine(PyroModule):
         inducing_points: ``(M, d)`` initial inducing inputs (e.g. from
             :func:`select_inducing_points`).
         depth: number ``L >= 0`` of learned Gram layers.
-        nu: :math:`\nu_l > 0`, one float or a list of ``L``.
+        nu: :math:`\nu_l > 0`, one float or a list of ``L``; ``float("inf")`` holds that
+            layer's Gram at its prior (no Gram parameters, no KL: the NNGP limit).
         kernel: Gram kernel per kernel layer: a name in
             :data:`~pyro_dkm.dkm.layers.KERNELS` or a ``GramKernel``; one value or a list
             of ``L + 1`` (the last one feeds the output GP).
