@@ -10,7 +10,7 @@ Grams frozen at the prior (nu = inf). Prints test accuracy and log-likelihood as
 sequence per class next to the NNGP's (where representation learning changed the
 kernel).
 
-    python examples/conv_dkm_mnist1d.py                # about 2 minutes on 2 CPU cores
+    python examples/conv_dkm_mnist1d.py                # about 3 minutes on 2 idle CPU cores
     python examples/conv_dkm_mnist1d.py --epochs 60 --nngp --plot grams.png
 """
 
