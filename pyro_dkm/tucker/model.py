@@ -452,13 +452,7 @@ class FunctionalTucker:
             return self._fit_auto_modes(coords, values, restarts, val_fraction)
         if restarts == 1:
             return self._fit_checked(coords, values)
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        coords, y = check_tensor_data(coords, values, n_modes=self.K, dtype=self.dtype)
-        gen = torch.Generator().manual_seed(0 if self.seed is None else self.seed)
-        perm = torch.randperm(y.shape[0], generator=gen)
-        n_val = max(1, int(round(val_fraction * y.shape[0])))
-        val, trn = perm[:n_val], perm[n_val:]
+        coords, y, val, trn = self._holdout(coords, values, val_fraction)
         seed0, best, self.restart_val_rmse = self.seed, None, []
         try:
             for r in range(restarts):
@@ -474,17 +468,22 @@ class FunctionalTucker:
         self.__dict__.update(best[1])
         return self
 
-    def _fit_auto_modes(self, coords, values, restarts, val_fraction):
-        """``modes="auto"``: each such mode continuous or discrete by validation RMSE on
-        a held-out part (greedy over the modes, in order), then the chosen model fitted to
-        all the entries."""
+    def _holdout(self, coords, values, val_fraction):
+        """Checked ``coords, y`` and a random held-out / fitted split of the entries
+        (``val_fraction`` of them held out; seeded by ``self.seed``)."""
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         coords, y = check_tensor_data(coords, values, n_modes=self.K, dtype=self.dtype)
         gen = torch.Generator().manual_seed(0 if self.seed is None else self.seed)
         perm = torch.randperm(y.shape[0], generator=gen)
         n_val = max(1, int(round(val_fraction * y.shape[0])))
-        val, trn = perm[:n_val], perm[n_val:]
+        return coords, y, perm[:n_val], perm[n_val:]
+
+    def _fit_auto_modes(self, coords, values, restarts, val_fraction):
+        """``modes="auto"``: each such mode continuous or discrete by validation RMSE on
+        a held-out part (greedy over the modes, in order), then the chosen model fitted to
+        all the entries."""
+        coords, y, val, trn = self._holdout(coords, values, val_fraction)
         requested = list(self._requested_modes)
         choice = ["continuous" if m == "auto" else m for m in requested]
         scores = {}
