@@ -74,13 +74,11 @@ def parse_grid(text):
 
 
 def _fit_dkm_config(X, y, kernel, nu, args, seed, steps, score=None):
-    """One DKM with an ARD input layer, whitened Grams and a learned output amplitude and
-    constant: the exact DKM (every training point its own inducing point) when
+    """One DKM with an ARD input layer and whitened Grams: the exact DKM (every training
+    point its own inducing point, a learned output amplitude and constant) when
     ``len(X) <= --exact-max``, else the sparse DKM with ``--num-inducing`` points and
     minibatches. ``score(model)`` is called every ``--val-every`` steps; its values are
     returned with the model and the seconds per epoch."""
-    import time
-
     from pyro_dkm.dkm import DeepKernelMachine, ExactDeepKernelMachine, fit, select_inducing_points
     torch.manual_seed(seed)
     Xb = _with_bias(X)
@@ -91,20 +89,17 @@ def _fit_dkm_config(X, y, kernel, nu, args, seed, steps, score=None):
             scores[step] = score(model)
         return False
 
-    if X.shape[0] <= args.exact_max:
+    if X.shape[0] <= args.exact_max:  # full batch: one step is one epoch
         model = ExactDeepKernelMachine(Xb, y, depth=args.val_depth, nu=nu, kernel=kernel,
                                        input_ard=True, gram_parameterisation="whitened",
                                        output_variance=True, dtype=X.dtype)
-        t = time.perf_counter()
-        fit(model, Xb, y, num_steps=steps, lr=args.dkm_lr, progress=False, seed=seed,
-            callback=callback)
-        spe = (time.perf_counter() - t) / steps  # one step = one epoch
-        return model, spe, scores
-    model = DeepKernelMachine(select_inducing_points(Xb, args.num_inducing, seed=seed),
-                              depth=args.val_depth, nu=nu, kernel=kernel, input_ard=True,
-                              gram_parameterisation="whitened", dtype=X.dtype)
-    B = min(args.batch_size, X.shape[0])
-    res = fit(model, Xb, y, num_steps=steps, batch_size=B, lr=args.dkm_lr, seed=seed,
+        batch = None
+    else:
+        model = DeepKernelMachine(select_inducing_points(Xb, args.num_inducing, seed=seed),
+                                  depth=args.val_depth, nu=nu, kernel=kernel, input_ard=True,
+                                  gram_parameterisation="whitened", dtype=X.dtype)
+        batch = min(args.batch_size, X.shape[0])
+    res = fit(model, Xb, y, num_steps=steps, batch_size=batch, lr=args.dkm_lr, seed=seed,
               progress=False, callback=callback)
     return model, res.seconds_per_epoch, scores
 
