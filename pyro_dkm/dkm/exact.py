@@ -128,10 +128,7 @@ class ExactDeepKernelMachine(PyroModule):
             G = G_tril @ G_tril.mT
 
     def _input_gram(self) -> Tensor:
-        X = self.X_train
-        if self.input_layer.ard:
-            X = X / self.input_layer.input_lengthscale
-        return X @ X.mT / X.shape[1]
+        return self.input_layer.inducing_gram()  # the training inputs are its inducing points
 
     @pyro_method
     def grams(self) -> tuple[list[Tensor], Tensor, list[Tensor]]:

@@ -82,12 +82,18 @@ class InputGram(PyroModule):
         else:
             self.register_buffer("inducing_points", Z)
 
+    def _scaled(self, X: Tensor) -> Tensor:
+        """``X / l`` with the ARD lengthscales (``X`` itself without ARD)."""
+        return X * (1 / self.input_lengthscale) if self.ard else X
+
+    def inducing_gram(self) -> Tensor:
+        """``G_0`` between the inducing points, ``(Z/l)(Z/l)^T / d`` ``(M, M)``."""
+        Z = self._scaled(self.inducing_points)
+        return Z @ Z.mT / self.input_dim
+
     def forward(self, X: Tensor) -> GramBlocks:
-        Z = self.inducing_points  # (M, d)
+        Z, X = self._scaled(self.inducing_points), self._scaled(X)  # (M, d), (T, d)
         d = self.input_dim
-        if self.ard:
-            inv = 1 / self.input_lengthscale  # (d,)
-            Z, X = Z * inv, X * inv
         return GramBlocks(Z @ Z.mT / d, X @ Z.mT / d, X.pow(2).sum(-1) / d)
 
 
