@@ -2,6 +2,8 @@
 
 import torch
 
+from pyro_dkm.kernels import Dense, Relu, serial
+
 
 def toy_regression(n=30, d=3, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
@@ -20,3 +22,13 @@ def perturb_grams(model, scale=0.2, seed=1):
         off.add_(scale * torch.randn(off.shape, generator=g, dtype=off.dtype).tril(-1))
         layer.gram_log_diag.add_(scale * torch.randn(layer.gram_log_diag.shape, generator=g,
                                                      dtype=off.dtype))
+
+
+def relu_nngp(depth):
+    """The input-space NNGP of a DKM with ``depth`` Gram layers and ReLU kernels: its kernel
+    layers are ReluGram(variance=2) = 2 E[relu relu] on G_0 = X X^T / d, i.e.
+    serial(Relu, Dense(2), ...) with depth + 1 ReLU layers."""
+    layers = []
+    for _ in range(depth + 1):
+        layers += [Relu(), Dense(weight_var=2.0, bias_var=0.0)]
+    return serial(*layers)

@@ -3,23 +3,13 @@
 import pyro
 import pyro.infer
 import torch
-from dkm_helpers import perturb_grams, toy_regression
+from dkm_helpers import perturb_grams, relu_nngp, toy_regression
 
 from pyro_dkm.dkm import ExactDeepKernelMachine, fit, fit_lbfgs
-from pyro_dkm.kernels import Dense, Relu, serial
-
-
-def _nngp_fn(depth):
-    # DKM kernel layers are ReluGram(variance=2) = 2 E[relu relu] on G_0 = X X^T / d:
-    # the input-space NNGP serial(Relu, Dense(2), ...) with depth + 1 ReLU layers.
-    layers = []
-    for _ in range(depth + 1):
-        layers += [Relu(), Dense(weight_var=2.0, bias_var=0.0)]
-    return serial(*layers)
 
 
 def _nngp_regression(X, y, Xt, noise, depth):
-    k = _nngp_fn(depth)
+    k = relu_nngp(depth)
     K = k(X) + noise * torch.eye(X.shape[0], dtype=X.dtype)
     Kt = k(Xt, X)
     mean = Kt @ torch.linalg.solve(K, y)
@@ -58,7 +48,7 @@ def test_large_nu_optimum_is_the_nngp():
         m = _lbfgs(ExactDeepKernelMachine(X, y, depth=1, nu=nu, noise=0.1, standardise=False),
                    iters=100, grams_only=True, rounds=2)
         G = m.gram_layers[0].inducing_gram.detach()
-        K = _nngp_fn(0)(X)
+        K = relu_nngp(0)(X)
         devs[nu] = float((G - K).norm() / K.norm())
     ratio = devs[1e2] / devs[1e4]
     assert 30 < ratio < 300, devs
@@ -162,7 +152,7 @@ def test_nu_inf_exact_dkm_stays_nngp_regression_while_the_noise_trains():
     pred = m.predict(Xt)
     torch.testing.assert_close(pred.mean, mean, rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(pred.variance, var, rtol=1e-8, atol=1e-9)
-    K = _nngp_fn(2)(X) + noise * torch.eye(20, dtype=torch.float64)
+    K = relu_nngp(2)(X) + noise * torch.eye(20, dtype=torch.float64)
     want = torch.distributions.MultivariateNormal(torch.zeros(20, dtype=torch.float64),
                                                   K).log_prob(y)
     torch.testing.assert_close(m.objective().detach(), want, rtol=1e-8, atol=1e-8)

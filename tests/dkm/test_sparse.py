@@ -6,7 +6,7 @@ import pyro
 import pyro.infer
 import pytest
 import torch
-from dkm_helpers import perturb_grams, toy_regression
+from dkm_helpers import perturb_grams, relu_nngp, toy_regression
 
 from pyro_dkm.dkm import DeepKernelMachine, ExactDeepKernelMachine, select_inducing_points
 
@@ -265,7 +265,6 @@ def test_nu_inf_keeps_the_nngp_through_fit():
     # V = I by requires_grad_(False), the earlier recipe, does not survive: Pyro
     # re-enables gradients of a PyroModule's parameters when the model runs.)
     from pyro_dkm.dkm import fit
-    from pyro_dkm.kernels import Dense, Relu, serial
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(60, 3, generator=g, dtype=torch.float64)
@@ -276,7 +275,7 @@ def test_nu_inf_keeps_the_nngp_through_fit():
     fit(m, X, y, num_steps=25, lr=0.05, progress=False)
     Z = m.input_layer.inducing_points.detach()
     assert float((Z - Z0).abs().max()) > 1e-3  # the inducing inputs moved
-    k = serial(Relu(), Dense(2.0, 0.0), Relu(), Dense(2.0, 0.0), Relu(), Dense(2.0, 0.0))
+    k = relu_nngp(2)
     K, _, kls = m.forward_blocks(X)
     torch.testing.assert_close(K.ii.detach(), k(Z), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(K.ti.detach(), k(X, Z), rtol=1e-10, atol=1e-10)
