@@ -104,26 +104,38 @@ def _fit_dkm_config(X, y, kernel, nu, args, seed, steps, score=None):
     return model, res.seconds_per_epoch, scores
 
 
+def _val_folds(N, args, seed):
+    """(held-out, fitted) row indices for DKM-val: ``--val-folds`` folds of a random
+    permutation when ``N <= --cv-max-train`` (every training row held out once), else one
+    random ``--val-fraction`` held out."""
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
+    if args.val_folds > 1 and N <= args.cv_max_train:
+        folds = torch.chunk(perm, args.val_folds)
+        return [(f, torch.cat([g for j, g in enumerate(folds) if j != i]))
+                for i, f in enumerate(folds)]
+    n_val = max(1, int(round(args.val_fraction * N)))
+    return [(perm[:n_val], perm[n_val:])]
+
+
 def run_dkm_val(d, args, seed):
     """``DKM-val``: the (kernel, nu, number of steps) of ``--val-grid`` x every
-    ``--val-every`` steps up to ``--dkm-steps`` with the best log-likelihood on a random
-    ``--val-fraction`` of the training rows (fitted on the rest), refitted on all training
-    rows. Only the training split is used to choose."""
-    N = d.X_train.shape[0]
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(N, generator=g)
-    n_val = max(1, int(round(args.val_fraction * N)))
-    iv, it = perm[:n_val], perm[n_val:]
-    Xv = d.X_train[iv]
-
-    def score(model):
-        return gaussian_test_metrics(model.predict(_with_bias(Xv)), d.y_train[iv])[0]
-
+    ``--val-every`` steps up to ``--dkm-steps`` with the best held-out log-likelihood
+    (averaged over the folds of ``_val_folds``), refitted on all training rows. Only the
+    training split is used to choose."""
+    folds = _val_folds(d.X_train.shape[0], args, seed)
     scores = {}
-    for kernel, nu in args.val_grid:
-        _, _, sc = _fit_dkm_config(d.X_train[it], d.y_train[it], kernel, nu, args, seed,
-                                   args.dkm_steps, score)
-        scores.update({(kernel, nu, step): v for step, v in sc.items()})
+    for iv, it in folds:
+        Xv = _with_bias(d.X_train[iv])
+
+        def score(model, Xv=Xv, yv=d.y_train[iv]):
+            return gaussian_test_metrics(model.predict(Xv), yv)[0] / len(folds)
+
+        for kernel, nu in args.val_grid:
+            _, _, sc = _fit_dkm_config(d.X_train[it], d.y_train[it], kernel, nu, args, seed,
+                                       args.dkm_steps, score)
+            for step, v in sc.items():
+                key = (kernel, nu, step)
+                scores[key] = scores.get(key, 0.0) + v
     kernel, nu, steps = max(scores, key=scores.get)
     m, spe, _ = _fit_dkm_config(d.X_train, d.y_train, kernel, nu, args, seed, steps)
     ll, rmse = gaussian_test_metrics(m.predict(_with_bias(d.X_test)), d.y_test, d.y_mean,
@@ -182,6 +194,11 @@ def main(argv=None) -> int:
                    help="DKM-val candidates, kernel:nu pairs")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="DKM-val: share of the training rows held out to choose")
+    p.add_argument("--val-folds", type=int, default=5,
+                   help="DKM-val: K-fold cross-validation on training sets of at most "
+                        "--cv-max-train rows (else one --val-fraction held out)")
+    p.add_argument("--cv-max-train", type=int, default=500,
+                   help="DKM-val: largest training set chosen by K-fold cross-validation")
     p.add_argument("--val-depth", type=int, default=1, help="DKM-val Gram layers")
     p.add_argument("--dkm-steps", type=int, default=400, help="DKM-val: most Adam steps")
     p.add_argument("--val-every", type=int, default=50,
@@ -213,7 +230,8 @@ def main(argv=None) -> int:
                 nngp_max_train=args.nngp_max_train, depth=args.depth, kernel=args.kernel,
                 gp_steps=args.gp_steps, gp_max_train=args.gp_max_train,
                 val_grid=[f"{k}:{v:g}" for k, v in args.val_grid],
-                val_fraction=args.val_fraction, val_depth=args.val_depth,
+                val_fraction=args.val_fraction, val_folds=args.val_folds,
+                cv_max_train=args.cv_max_train, val_depth=args.val_depth,
                 dkm_steps=args.dkm_steps, val_every=args.val_every, dkm_lr=args.dkm_lr,
                 exact_max=args.exact_max)
     chosen = {}
@@ -243,8 +261,9 @@ def main(argv=None) -> int:
                 for k, v in zip(("ll", "rmse", "spe"), out):
                     res[m][k].append(v)
             if args.json:  # partial results after every split
-                part = [row(name, m, met, res[m][k]) for m in models
-                        for k, met in (("ll", "test LL"), ("rmse", "RMSE"))]
+                part = [row(name, m, met, res[m][k], **kw) for m in models
+                        for k, met, kw in (("ll", "test LL", {}), ("rmse", "RMSE", {}),
+                                           ("spe", "time/epoch", {"unit": "s"}))]
                 write_json(args.json, rows + part, summary=f"partial: {name} split {split}",
                            budget=budget, chosen=chosen, **meta)
         for m in models:

@@ -137,3 +137,42 @@ def test_ard_gp_baseline_predicts_the_closed_form_posterior_of_its_fitted_kernel
     torch.testing.assert_close(p.mean, mean, rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(p.variance, var, rtol=1e-6, atol=1e-8)
     assert int(ell.argmax()) == 2, ell
+
+
+@pytest.mark.parametrize("condition_on_all", [True, False])
+def test_ard_gp_baseline_on_a_subset_conditions_on_the_rows_asked_for(condition_on_all):
+    # hyper-parameters fitted on max_train = 25 random rows of 60; the predictive is the
+    # closed-form posterior of that kernel given all 60 rows (default) or only the 25
+    from pyro_dkm.baselines import ARDGPRegressor
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(60, 2, generator=g, dtype=torch.float64)
+    y = torch.sin(2 * X[:, 0]) + 0.05 * torch.randn(60, generator=g, dtype=torch.float64)
+    Xt = torch.randn(8, 2, generator=g, dtype=torch.float64)
+    m = ARDGPRegressor(max_train=25, seed=3, condition_on_all=condition_on_all)
+    m.fit(X, y, epochs=60)
+    idx = torch.randperm(60, generator=torch.Generator().manual_seed(3))[:25]
+    Xc, yc = (X, y) if condition_on_all else (X[idx], y[idx])
+    cov = m.model.covar_module
+    ell = cov.base_kernel.lengthscale.detach()[0]
+    amp = cov.outputscale.detach()
+    noise = m.model.likelihood.noise.detach()[0]
+    c = m.model.mean_module.constant.detach()
+
+    def k(a, b):
+        return amp * torch.exp(-0.5 * torch.cdist(a / ell, b / ell) ** 2)
+
+    K = k(Xc, Xc) + noise * torch.eye(len(Xc), dtype=torch.float64)
+    Ks = k(Xt, Xc)
+    mean = c + Ks @ torch.linalg.solve(K, yc - c)
+    var = amp - (Ks * torch.linalg.solve(K, Ks.T).T).sum(1) + noise
+    p = m.predict(Xt)
+    torch.testing.assert_close(p.mean, mean, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(p.variance, var, rtol=1e-6, atol=1e-8)
+    # the hyper-parameters are those of a fit on the subset alone
+    ref = ARDGPRegressor(seed=3)
+    ref.fit(X[idx], y[idx], epochs=60)
+    torch.testing.assert_close(ref.model.covar_module.base_kernel.lengthscale,
+                               cov.base_kernel.lengthscale, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="max_train"):
+        ARDGPRegressor(max_train=0)

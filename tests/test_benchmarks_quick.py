@@ -140,3 +140,25 @@ def test_uci_dkm_val_quick(tmp_path):
     (choice,) = data["meta"]["chosen"]["yacht"]
     assert choice.rsplit(":", 1)[0] in data["meta"]["val_grid"]  # kernel:nu:steps
     assert "DKM-val test LL >= GP-ARD on" in stdout.splitlines()[-1]
+
+
+def test_uci_dkm_val_folds_hold_every_training_row_out_once():
+    # K-fold CV up to --cv-max-train rows: the held-out parts partition the rows and each
+    # fit uses exactly the others; above it, one random --val-fraction is held out
+    from types import SimpleNamespace
+
+    import torch
+    from uci import _val_folds
+
+    args = SimpleNamespace(val_folds=5, cv_max_train=500, val_fraction=0.2)
+    folds = _val_folds(277, args, seed=3)
+    assert len(folds) == 5
+    held = torch.cat([iv for iv, _ in folds])
+    assert sorted(held.tolist()) == list(range(277))
+    for iv, it in folds:
+        assert len(iv) + len(it) == 277 and not set(iv.tolist()) & set(it.tolist())
+    ((iv, it),) = _val_folds(691, args, seed=3)
+    assert (len(iv), len(it)) == (138, 553)
+    assert sorted(torch.cat([iv, it]).tolist()) == list(range(691))
+    args.val_folds = 1  # one held-out part whatever the size
+    assert len(_val_folds(277, args, seed=3)) == 1
