@@ -117,30 +117,48 @@ def _val_folds(N, args, seed):
     return [(perm[:n_val], perm[n_val:])]
 
 
+def choose(fold_scores, rule="1se"):
+    """The (kernel, nu, steps) to refit from ``{key: [held-out LL per fold]}``: the best mean
+    (``rule="best"``, or one fold), or with ``"1se"`` the one-standard-error rule of
+    cross-validation (Hastie et al., ESL 7.10): among the settings whose mean is within one
+    standard error (over the folds) of the best, the simplest, i.e. the largest nu (closest
+    to the fixed-kernel limit), then the fewest steps (closest to the prior). Returns the key
+    and its mean."""
+    mean = {k: sum(v) / len(v) for k, v in fold_scores.items()}
+    best = max(mean, key=mean.get)
+    K = len(fold_scores[best])
+    if rule == "best" or K < 2:
+        return best, mean[best]
+    m = mean[best]
+    se = (sum((v - m) ** 2 for v in fold_scores[best]) / (K - 1) / K) ** 0.5
+    within = [k for k in mean if mean[k] >= m - se]
+    pick = min(within, key=lambda k: (-k[1], k[2]))
+    return pick, mean[pick]
+
+
 def run_dkm_val(d, args, seed):
     """``DKM-val``: the (kernel, nu, number of steps) of ``--val-grid`` x every
-    ``--val-every`` steps up to ``--dkm-steps`` with the best held-out log-likelihood
-    (averaged over the folds of ``_val_folds``), refitted on all training rows. Only the
-    training split is used to choose."""
+    ``--val-every`` steps up to ``--dkm-steps`` chosen by held-out log-likelihood on the
+    folds of ``_val_folds`` (``choose`` with ``--val-rule``), refitted on all training rows.
+    Only the training split is used to choose."""
     folds = _val_folds(d.X_train.shape[0], args, seed)
     scores = {}
     for iv, it in folds:
         Xv = _with_bias(d.X_train[iv])
 
         def score(model, Xv=Xv, yv=d.y_train[iv]):
-            return gaussian_test_metrics(model.predict(Xv), yv)[0] / len(folds)
+            return gaussian_test_metrics(model.predict(Xv), yv)[0]
 
         for kernel, nu in args.val_grid:
             _, _, sc = _fit_dkm_config(d.X_train[it], d.y_train[it], kernel, nu, args, seed,
                                        args.dkm_steps, score)
             for step, v in sc.items():
-                key = (kernel, nu, step)
-                scores[key] = scores.get(key, 0.0) + v
-    kernel, nu, steps = max(scores, key=scores.get)
+                scores.setdefault((kernel, nu, step), []).append(v)
+    (kernel, nu, steps), val = choose(scores, args.val_rule)
     m, spe, _ = _fit_dkm_config(d.X_train, d.y_train, kernel, nu, args, seed, steps)
     ll, rmse = gaussian_test_metrics(m.predict(_with_bias(d.X_test)), d.y_test, d.y_mean,
                                      d.y_std)
-    return ll, rmse, spe, f"{kernel}:{nu:g}:{steps}", scores[(kernel, nu, steps)]
+    return ll, rmse, spe, f"{kernel}:{nu:g}:{steps}", val
 
 
 def run_baseline(name, d, M, epochs, batch, lr, seed, nngp_max, gp_steps=300,
@@ -199,6 +217,9 @@ def main(argv=None) -> int:
     p.add_argument("--val-folds", type=int, default=5,
                    help="DKM-val: K-fold cross-validation on training sets of at most "
                         "--cv-max-train rows (else one --val-fraction held out)")
+    p.add_argument("--val-rule", choices=("1se", "best"), default="1se",
+                   help="DKM-val with K-fold CV: the one-standard-error rule (the simplest "
+                        "setting within one s.e. of the best) or the best mean")
     p.add_argument("--cv-max-train", type=int, default=500,
                    help="DKM-val: largest training set chosen by K-fold cross-validation")
     p.add_argument("--val-depth", type=int, default=1, help="DKM-val Gram layers")
@@ -233,7 +254,8 @@ def main(argv=None) -> int:
                 gp_steps=args.gp_steps, gp_max_train=args.gp_max_train,
                 val_grid=[f"{k}:{v:g}" for k, v in args.val_grid],
                 val_fraction=args.val_fraction, val_folds=args.val_folds,
-                cv_max_train=args.cv_max_train, val_depth=args.val_depth,
+                cv_max_train=args.cv_max_train, val_rule=args.val_rule,
+                val_depth=args.val_depth,
                 dkm_steps=args.dkm_steps, val_every=args.val_every, dkm_lr=args.dkm_lr,
                 exact_max=args.exact_max)
     chosen, val_ll = {}, {}  # DKM-val: choices and their validation log-likelihoods

@@ -162,3 +162,20 @@ def test_uci_dkm_val_folds_hold_every_training_row_out_once():
     assert sorted(torch.cat([iv, it]).tolist()) == list(range(691))
     args.val_folds = 1  # one held-out part whatever the size
     assert len(_val_folds(277, args, seed=3)) == 1
+
+
+def test_uci_dkm_val_one_standard_error_rule():
+    # best mean: nu = 10 at 300 steps, mean 1.0, s.e. over its 4 folds 0.23 (sample std 0.46);
+    # within 1.0 - 0.23 = 0.77: (100, 200) at 0.85 and (100, 100) at 0.9, the simplest being
+    # the largest nu and then the fewest steps; (1000, 50) at 0.7 is outside
+    from uci import choose
+
+    scores = {("sqexp", 10.0, 300): [1.4, 0.6, 1.4, 0.6],
+              ("sqexp", 100.0, 200): [0.85] * 4,
+              ("sqexp", 100.0, 100): [0.9] * 4,
+              ("sqexp", 1000.0, 50): [0.7] * 4}
+    assert choose(scores, "best") == (("sqexp", 10.0, 300), 1.0)
+    assert choose(scores, "1se") == (("sqexp", 100.0, 100), 0.9)
+    # one held-out part: no standard error, the best mean whatever the rule
+    one = {k: v[:1] for k, v in scores.items()}
+    assert choose(one, "1se") == (("sqexp", 10.0, 300), 1.4)
