@@ -107,6 +107,27 @@ def test_bad_input(cls):
         m.fit(Xn, y, epochs=1)
 
 
+def _assert_ard_gp_posterior(m, X, y, Xt):
+    """``m.predict(Xt)`` equals the textbook GP posterior given ``(X, y)`` with m's learned
+    ARD RBF kernel, constant mean and noise, computed here by hand (1e-8)."""
+    cov = m.model.covar_module
+    ell = cov.base_kernel.lengthscale.detach()[0]
+    amp = cov.outputscale.detach()
+    noise = m.model.likelihood.noise.detach()[0]
+    c = m.model.mean_module.constant.detach()
+
+    def k(a, b):
+        return amp * torch.exp(-0.5 * torch.cdist(a / ell, b / ell) ** 2)
+
+    K = k(X, X) + noise * torch.eye(len(X), dtype=torch.float64)
+    Ks = k(Xt, X)
+    mean = c + Ks @ torch.linalg.solve(K, y - c)
+    var = amp - (Ks * torch.linalg.solve(K, Ks.T).T).sum(1) + noise
+    p = m.predict(Xt)
+    torch.testing.assert_close(p.mean, mean, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(p.variance, var, rtol=1e-6, atol=1e-8)
+
+
 def test_ard_gp_baseline_predicts_the_closed_form_posterior_of_its_fitted_kernel():
     # after type-II ML, the predictive equals the textbook GP posterior with the learned
     # ARD RBF kernel, constant mean and noise (computed here by hand, 1e-8), and the
@@ -120,22 +141,8 @@ def test_ard_gp_baseline_predicts_the_closed_form_posterior_of_its_fitted_kernel
     Xt = torch.randn(8, 3, generator=g, dtype=torch.float64)
     m = ARDGPRegressor()
     m.fit(X, y, epochs=150)
-    cov = m.model.covar_module
-    ell = cov.base_kernel.lengthscale.detach()[0]
-    amp = cov.outputscale.detach()
-    noise = m.model.likelihood.noise.detach()[0]
-    c = m.model.mean_module.constant.detach()
-
-    def k(a, b):
-        return amp * torch.exp(-0.5 * torch.cdist(a / ell, b / ell) ** 2)
-
-    K = k(X, X) + noise * torch.eye(60, dtype=torch.float64)
-    Ks = k(Xt, X)
-    mean = c + Ks @ torch.linalg.solve(K, y - c)
-    var = amp - (Ks * torch.linalg.solve(K, Ks.T).T).sum(1) + noise
-    p = m.predict(Xt)
-    torch.testing.assert_close(p.mean, mean, rtol=1e-8, atol=1e-8)
-    torch.testing.assert_close(p.variance, var, rtol=1e-6, atol=1e-8)
+    _assert_ard_gp_posterior(m, X, y, Xt)
+    ell = m.model.covar_module.base_kernel.lengthscale.detach()[0]
     assert int(ell.argmax()) == 2, ell
 
 
@@ -153,26 +160,12 @@ def test_ard_gp_baseline_on_a_subset_conditions_on_the_rows_asked_for(condition_
     m.fit(X, y, epochs=60)
     idx = torch.randperm(60, generator=torch.Generator().manual_seed(3))[:25]
     Xc, yc = (X, y) if condition_on_all else (X[idx], y[idx])
-    cov = m.model.covar_module
-    ell = cov.base_kernel.lengthscale.detach()[0]
-    amp = cov.outputscale.detach()
-    noise = m.model.likelihood.noise.detach()[0]
-    c = m.model.mean_module.constant.detach()
-
-    def k(a, b):
-        return amp * torch.exp(-0.5 * torch.cdist(a / ell, b / ell) ** 2)
-
-    K = k(Xc, Xc) + noise * torch.eye(len(Xc), dtype=torch.float64)
-    Ks = k(Xt, Xc)
-    mean = c + Ks @ torch.linalg.solve(K, yc - c)
-    var = amp - (Ks * torch.linalg.solve(K, Ks.T).T).sum(1) + noise
-    p = m.predict(Xt)
-    torch.testing.assert_close(p.mean, mean, rtol=1e-8, atol=1e-8)
-    torch.testing.assert_close(p.variance, var, rtol=1e-6, atol=1e-8)
+    _assert_ard_gp_posterior(m, Xc, yc, Xt)
     # the hyper-parameters are those of a fit on the subset alone
     ref = ARDGPRegressor(seed=3)
     ref.fit(X[idx], y[idx], epochs=60)
     torch.testing.assert_close(ref.model.covar_module.base_kernel.lengthscale,
-                               cov.base_kernel.lengthscale, rtol=1e-10, atol=1e-12)
+                               m.model.covar_module.base_kernel.lengthscale, rtol=1e-10,
+                               atol=1e-12)
     with pytest.raises(ValueError, match="max_train"):
         ARDGPRegressor(max_train=0)
