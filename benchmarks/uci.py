@@ -21,6 +21,7 @@ exact marginal likelihood (``--gp-steps`` Adam steps, lr 0.1) on at most
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -65,42 +66,55 @@ def run_dkm(d, M, epochs, batch, lr, seed, nu, ard=False, depth=2, kernel="relu"
 
 
 def parse_grid(text):
-    """``"sqexp:10,sqexp:1000,relu:100"`` -> ``[("sqexp", 10.0), ...]`` (kernel, nu)."""
+    """``"sqexp:10,sqexp:1000:2,relu:100"`` -> ``[("sqexp", 10.0, None), ("sqexp", 1000.0,
+    2), ...]``: kernel, nu and an optional number of Gram layers (None: ``--val-depth``)."""
     out = []
     for item in text.split(","):
-        kernel, nu = item.split(":")
-        out.append((kernel, float(nu)))
+        parts = item.split(":")
+        if len(parts) not in (2, 3):
+            raise argparse.ArgumentTypeError(
+                f"expected kernel:nu or kernel:nu:depth, got {item!r}")
+        depth = int(parts[2]) if len(parts) == 3 else None
+        if depth is not None and depth < 1:
+            raise argparse.ArgumentTypeError(f"kernel:nu:depth needs depth >= 1, got {item!r}")
+        out.append((parts[0], float(parts[1]), depth))
     return out
 
 
-def _fit_dkm_config(X, y, kernel, nu, args, seed, steps, score=None):
+def _label(kernel, nu, depth, default_depth):
+    """``kernel:nu`` (``kernel:nu:depth`` where depth is not ``--val-depth``)."""
+    return f"{kernel}:{nu:g}" + (f":{depth}" if depth != default_depth else "")
+
+
+def _fit_dkm_config(X, y, kernel, nu, depth, args, seed, steps, score=None):
     """One DKM with an ARD input layer and whitened Grams: the exact DKM (every training
     point its own inducing point, a learned output amplitude and constant) when
     ``len(X) <= --exact-max``, else the sparse DKM with ``--num-inducing`` points and
-    minibatches. ``score(model)`` is called every ``--val-every`` steps; its values are
-    returned with the model and the seconds per epoch."""
+    minibatches. ``score(model)`` is called every ``--val-every`` steps and at the last;
+    its values are returned with the model and the seconds per epoch."""
     from pyro_dkm.dkm import DeepKernelMachine, ExactDeepKernelMachine, fit, select_inducing_points
     torch.manual_seed(seed)
     Xb = _with_bias(X)
     scores = {}
 
     def callback(step, _loss):
-        if score is not None and step % args.val_every == 0:
+        if score is not None and (step % args.val_every == 0 or step == steps):
             scores[step] = score(model)
         return False
 
     if X.shape[0] <= args.exact_max:  # full batch: one step is one epoch
-        model = ExactDeepKernelMachine(Xb, y, depth=args.val_depth, nu=nu, kernel=kernel,
+        model = ExactDeepKernelMachine(Xb, y, depth=depth, nu=nu, kernel=kernel,
                                        input_ard=True, gram_parameterisation="whitened",
                                        output_variance=True, dtype=X.dtype)
         batch = None
     else:
         model = DeepKernelMachine(select_inducing_points(Xb, args.num_inducing, seed=seed),
-                                  depth=args.val_depth, nu=nu, kernel=kernel, input_ard=True,
+                                  depth=depth, nu=nu, kernel=kernel, input_ard=True,
                                   gram_parameterisation="whitened", dtype=X.dtype)
         batch = min(args.batch_size, X.shape[0])
+    schedule = None if args.dkm_schedule == "constant" else "cosine"
     res = fit(model, Xb, y, num_steps=steps, batch_size=batch, lr=args.dkm_lr, seed=seed,
-              progress=False, callback=callback)
+              lr_schedule=schedule, progress=False, callback=callback)
     return model, res.seconds_per_epoch, scores
 
 
@@ -118,12 +132,12 @@ def _val_folds(N, args, seed):
 
 
 def choose(fold_scores, rule="1se"):
-    """The (kernel, nu, steps) to refit from ``{key: [held-out LL per fold]}``: the best mean
-    (``rule="best"``, or one fold), or with ``"1se"`` the one-standard-error rule of
-    cross-validation (Hastie et al., ESL 7.10): among the settings whose mean is within one
-    standard error (over the folds) of the best, the simplest, i.e. the largest nu (closest
-    to the fixed-kernel limit), then the fewest steps (closest to the prior). Returns the key
-    and its mean."""
+    """The (kernel, nu, depth, steps) to refit from ``{key: [held-out LL per fold]}``: the
+    best mean (``rule="best"``, or one fold), or with ``"1se"`` the one-standard-error rule
+    of cross-validation (Hastie et al., ESL 7.10): among the settings whose mean is within
+    one standard error (over the folds) of the best, the simplest, i.e. the fewest Gram
+    layers, then the largest nu (closest to the fixed-kernel limit), then the fewest steps
+    (closest to the prior). Returns the key and its mean."""
     mean = {k: sum(v) / len(v) for k, v in fold_scores.items()}
     best = max(mean, key=mean.get)
     K = len(fold_scores[best])
@@ -132,12 +146,12 @@ def choose(fold_scores, rule="1se"):
     m = mean[best]
     se = (sum((v - m) ** 2 for v in fold_scores[best]) / (K - 1) / K) ** 0.5
     within = [k for k in mean if mean[k] >= m - se]
-    pick = min(within, key=lambda k: (-k[1], k[2]))
+    pick = min(within, key=lambda k: (k[2], -k[1], k[3]))
     return pick, mean[pick]
 
 
 def run_dkm_val(d, args, seed):
-    """``DKM-val``: the (kernel, nu, number of steps) of ``--val-grid`` x every
+    """``DKM-val``: the (kernel, nu, depth, number of steps) of ``--val-grid`` x every
     ``--val-every`` steps up to ``--dkm-steps`` chosen by held-out log-likelihood on the
     folds of ``_val_folds`` (``choose`` with ``--val-rule``), refitted on all training rows.
     Only the training split is used to choose."""
@@ -149,16 +163,18 @@ def run_dkm_val(d, args, seed):
         def score(model, Xv=Xv, yv=d.y_train[iv]):
             return gaussian_test_metrics(model.predict(Xv), yv)[0]
 
-        for kernel, nu in args.val_grid:
-            _, _, sc = _fit_dkm_config(d.X_train[it], d.y_train[it], kernel, nu, args, seed,
-                                       args.dkm_steps, score)
+        for kernel, nu, depth in args.val_grid:
+            depth = depth or args.val_depth
+            _, _, sc = _fit_dkm_config(d.X_train[it], d.y_train[it], kernel, nu, depth, args,
+                                       seed, args.dkm_steps, score)
             for step, v in sc.items():
-                scores.setdefault((kernel, nu, step), []).append(v)
-    (kernel, nu, steps), val = choose(scores, args.val_rule)
-    m, spe, _ = _fit_dkm_config(d.X_train, d.y_train, kernel, nu, args, seed, steps)
+                if args.dkm_schedule == "constant" or step == args.dkm_steps:
+                    scores.setdefault((kernel, nu, depth, step), []).append(v)
+    (kernel, nu, depth, steps), val = choose(scores, args.val_rule)
+    m, spe, _ = _fit_dkm_config(d.X_train, d.y_train, kernel, nu, depth, args, seed, steps)
     ll, rmse = gaussian_test_metrics(m.predict(_with_bias(d.X_test)), d.y_test, d.y_mean,
                                      d.y_std)
-    return ll, rmse, spe, f"{kernel}:{nu:g}:{steps}", val
+    return ll, rmse, spe, f"{_label(kernel, nu, depth, args.val_depth)}:{steps}", val
 
 
 def run_baseline(name, d, M, epochs, batch, lr, seed, nngp_max, gp_steps=300,
@@ -211,7 +227,8 @@ def main(argv=None) -> int:
                         "(the posterior conditions on all of them)")
     p.add_argument("--val-grid", type=parse_grid,
                    default=parse_grid("sqexp:10,sqexp:100,sqexp:1000"),
-                   help="DKM-val candidates, kernel:nu pairs")
+                   help="DKM-val candidates, kernel:nu or kernel:nu:depth (depth: Gram "
+                        "layers, else --val-depth)")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="DKM-val: share of the training rows held out to choose")
     p.add_argument("--val-folds", type=int, default=5,
@@ -228,6 +245,10 @@ def main(argv=None) -> int:
                    help="DKM-val: score the held-out rows every this many steps (the number "
                         "of steps is chosen with the kernel and nu)")
     p.add_argument("--dkm-lr", type=float, default=0.05, help="DKM-val Adam learning rate")
+    p.add_argument("--dkm-schedule", choices=("constant", "cosine"), default="constant",
+                   help="DKM-val learning rate: constant (the number of steps is chosen too) "
+                        "or cosine-annealed to 0 over --dkm-steps (only the last step is a "
+                        "candidate)")
     p.add_argument("--exact-max", type=int, default=1000,
                    help="DKM-val: the exact DKM up to this many training rows, else sparse")
     p.add_argument("--csv", type=Path, default=None, help="also write the rows as CSV")
@@ -252,11 +273,13 @@ def main(argv=None) -> int:
                 batch_size=args.batch_size, lr=args.lr, nu=args.nu, threads=args.threads,
                 nngp_max_train=args.nngp_max_train, depth=args.depth, kernel=args.kernel,
                 gp_steps=args.gp_steps, gp_max_train=args.gp_max_train,
-                val_grid=[f"{k}:{v:g}" for k, v in args.val_grid],
+                val_grid=[_label(k, v, dp or args.val_depth, args.val_depth)
+                          for k, v, dp in args.val_grid],
                 val_fraction=args.val_fraction, val_folds=args.val_folds,
                 cv_max_train=args.cv_max_train, val_rule=args.val_rule,
                 val_depth=args.val_depth,
                 dkm_steps=args.dkm_steps, val_every=args.val_every, dkm_lr=args.dkm_lr,
+                dkm_schedule=args.dkm_schedule,
                 exact_max=args.exact_max)
     chosen, val_ll = {}, {}  # DKM-val: choices and their validation log-likelihoods
     for name in names:

@@ -133,12 +133,14 @@ def test_conv_dkm_replot_draws_the_stored_nu_sweep(tmp_path):
 def test_uci_dkm_val_quick(tmp_path):
     # DKM-val beside GP-ARD: the settings it chose are recorded per split, and the closing
     # line counts the datasets where it is at least as good as the exact ARD GP
-    stdout, data = _run("uci.py", "--models", "DKM-val,GP-ARD", tmp_path=tmp_path)
+    stdout, data = _run("uci.py", "--models", "DKM-val,GP-ARD", "--val-grid",
+                        "sqexp:10,sqexp:1000:2", tmp_path=tmp_path)
     rows = data["rows"]
     assert {r["model"] for r in rows} == {"DKM-val", "GP-ARD"}
     assert all(math.isfinite(r["mean"]) for r in rows)
     (choice,) = data["meta"]["chosen"]["yacht"]
-    assert choice.rsplit(":", 1)[0] in data["meta"]["val_grid"]  # kernel:nu:steps
+    assert data["meta"]["val_grid"] == ["sqexp:10", "sqexp:1000:2"]
+    assert choice.rsplit(":", 1)[0] in data["meta"]["val_grid"]  # kernel:nu[:depth]:steps
     assert "DKM-val test LL >= GP-ARD on" in stdout.splitlines()[-1]
 
 
@@ -167,15 +169,64 @@ def test_uci_dkm_val_folds_hold_every_training_row_out_once():
 def test_uci_dkm_val_one_standard_error_rule():
     # best mean: nu = 10 at 300 steps, mean 1.0, s.e. over its 4 folds 0.23 (sample std 0.46);
     # within 1.0 - 0.23 = 0.77: (100, 200) at 0.85 and (100, 100) at 0.9, the simplest being
-    # the largest nu and then the fewest steps; (1000, 50) at 0.7 is outside
+    # the largest nu and then the fewest steps; (1000, 50) at 0.7 is outside; a deeper
+    # setting within one s.e. (2 Gram layers, nu = 1000, 0.95) loses to any 1-layer one
     from uci import choose
 
-    scores = {("sqexp", 10.0, 300): [1.4, 0.6, 1.4, 0.6],
-              ("sqexp", 100.0, 200): [0.85] * 4,
-              ("sqexp", 100.0, 100): [0.9] * 4,
-              ("sqexp", 1000.0, 50): [0.7] * 4}
-    assert choose(scores, "best") == (("sqexp", 10.0, 300), 1.0)
-    assert choose(scores, "1se") == (("sqexp", 100.0, 100), 0.9)
+    scores = {("sqexp", 10.0, 1, 300): [1.4, 0.6, 1.4, 0.6],
+              ("sqexp", 100.0, 1, 200): [0.85] * 4,
+              ("sqexp", 100.0, 1, 100): [0.9] * 4,
+              ("sqexp", 1000.0, 1, 50): [0.7] * 4,
+              ("sqexp", 1000.0, 2, 50): [0.95] * 4}
+    assert choose(scores, "best") == (("sqexp", 10.0, 1, 300), 1.0)
+    assert choose(scores, "1se") == (("sqexp", 100.0, 1, 100), 0.9)
     # one held-out part: no standard error, the best mean whatever the rule
     one = {k: v[:1] for k, v in scores.items()}
-    assert choose(one, "1se") == (("sqexp", 10.0, 300), 1.4)
+    assert choose(one, "1se") == (("sqexp", 10.0, 1, 300), 1.4)
+    # the deeper setting is chosen when it is the only one within one s.e. of the best
+    deep = {k: v for k, v in scores.items() if k[2] == 2 or k[1] == 10.0}
+    deep[("sqexp", 1000.0, 2, 50)] = [1.6] * 4
+    assert choose(deep, "1se") == (("sqexp", 1000.0, 2, 50), 1.6)
+
+
+def test_uci_val_grid_parses_kernel_nu_and_optional_depth():
+    import argparse
+
+    import pytest
+    from uci import _label, parse_grid
+
+    grid = parse_grid("sqexp:10,relu:0.1:2")
+    assert grid == [("sqexp", 10.0, None), ("relu", 0.1, 2)]
+    assert [_label(k, nu, dp or 1, 1) for k, nu, dp in grid] == ["sqexp:10", "relu:0.1:2"]
+    for bad in ("sqexp", "sqexp:1:2:3", "sqexp:1:0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="kernel:nu"):
+            parse_grid(bad)
+
+
+def test_uci_dkm_val_cosine_schedule_only_scores_the_last_step(monkeypatch):
+    # with a cosine-annealed learning rate an intermediate step is not a run of that many
+    # steps, so only --dkm-steps is a candidate: here the fake fits score step 3 best
+    # (constant: chosen) but with cosine the refit must use all 6 steps
+    from types import SimpleNamespace
+
+    import torch
+    import uci
+
+    fits = []
+
+    def fake_fit(X, y, kernel, nu, depth, args, seed, steps, score=None):
+        fits.append((kernel, nu, depth, steps))
+        return SimpleNamespace(predict=lambda X: None), 0.1, {3: 1.0, 6: 0.5 - depth}
+
+    monkeypatch.setattr(uci, "_fit_dkm_config", fake_fit)
+    monkeypatch.setattr(uci, "gaussian_test_metrics", lambda *a: (0.0, 0.0))
+    d = SimpleNamespace(X_train=torch.zeros(50, 2), y_train=torch.zeros(50),
+                        X_test=torch.zeros(5, 2), y_test=torch.zeros(5), y_mean=0, y_std=1)
+    args = SimpleNamespace(val_folds=5, cv_max_train=500, val_fraction=0.2, val_rule="best",
+                           val_depth=1, dkm_steps=6, dkm_schedule="constant",
+                           val_grid=[("sqexp", 10.0, None), ("sqexp", 100.0, 2)])
+    assert uci.run_dkm_val(d, args, seed=0)[3] == "sqexp:10:3"
+    assert fits[-1] == ("sqexp", 10.0, 1, 3) and len(fits) == 2 * 5 + 1
+    args.dkm_schedule = "cosine"
+    assert uci.run_dkm_val(d, args, seed=0)[3] == "sqexp:10:6"
+    assert fits[-1] == ("sqexp", 10.0, 1, 6)
