@@ -78,9 +78,10 @@ def mean_se(values) -> tuple[float, float, int]:
 
 
 def row(dataset: str, model: str, metric: str, values, unit: str | None = None) -> dict:
-    """One result row from per-split ``values``."""
+    """One result row from per-split ``values`` (kept in the row, for paired comparisons)."""
     m, se, n = mean_se(values)
-    r = {"dataset": dataset, "model": model, "metric": metric, "mean": m, "se": se, "n": n}
+    r = {"dataset": dataset, "model": model, "metric": metric, "mean": m, "se": se, "n": n,
+         "values": [float(v) for v in values]}
     if unit is not None:
         r["unit"] = unit
     return r

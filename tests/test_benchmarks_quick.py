@@ -31,6 +31,7 @@ def test_mean_se_closed_form():
 def test_table_has_one_line_per_dataset_model():
     rows = [row("a", "m1", "LL", [1, 2]), row("a", "m1", "time", [0.5], unit="s"),
             row("a", "m2", "LL", [3])]
+    assert rows[0]["values"] == [1.0, 2.0]  # per split, for paired comparisons
     lines = format_table(rows).splitlines()
     assert lines[0] == "| dataset | model | LL | time (s) |"
     assert len(lines) == 4 and lines[2].startswith("| a | m1 | 1.500 ± 0.500 | 0.500")
