@@ -163,8 +163,7 @@ def run_dkm_val(d, args, seed):
         def score(model, Xv=Xv, yv=d.y_train[iv]):
             return gaussian_test_metrics(model.predict(Xv), yv)[0]
 
-        for kernel, nu, depth in args.val_grid:
-            depth = depth or args.val_depth
+        for kernel, nu, depth in args.val_grid:  # depth resolved in main
             _, _, sc = _fit_dkm_config(d.X_train[it], d.y_train[it], kernel, nu, depth, args,
                                        seed, args.dkm_steps, score)
             for step, v in sc.items():
@@ -255,6 +254,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads, the same for every model (default 1)")
     args = resolve(p.parse_args(argv))
+    args.val_grid = [(k, nu, dp or args.val_depth) for k, nu, dp in args.val_grid]
     torch.set_num_threads(args.threads)
     if args.quick:
         args.num_inducing, args.steps, args.max_epochs = 10, 6, 3
@@ -273,8 +273,7 @@ def main(argv=None) -> int:
                 batch_size=args.batch_size, lr=args.lr, nu=args.nu, threads=args.threads,
                 nngp_max_train=args.nngp_max_train, depth=args.depth, kernel=args.kernel,
                 gp_steps=args.gp_steps, gp_max_train=args.gp_max_train,
-                val_grid=[_label(k, v, dp or args.val_depth, args.val_depth)
-                          for k, v, dp in args.val_grid],
+                val_grid=[_label(*c, args.val_depth) for c in args.val_grid],
                 val_fraction=args.val_fraction, val_folds=args.val_folds,
                 cv_max_train=args.cv_max_train, val_rule=args.val_rule,
                 val_depth=args.val_depth,

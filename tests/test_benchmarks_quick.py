@@ -225,7 +225,7 @@ def test_uci_dkm_val_cosine_schedule_only_scores_the_last_step(monkeypatch):
                         X_test=torch.zeros(5, 2), y_test=torch.zeros(5), y_mean=0, y_std=1)
     args = SimpleNamespace(val_folds=5, cv_max_train=500, val_fraction=0.2, val_rule="best",
                            val_depth=1, dkm_steps=6, dkm_schedule="constant",
-                           val_grid=[("sqexp", 10.0, None), ("sqexp", 100.0, 2)])
+                           val_grid=[("sqexp", 10.0, 1), ("sqexp", 100.0, 2)])
     assert uci.run_dkm_val(d, args, seed=0)[3] == "sqexp:10:3"
     assert fits[-1] == ("sqexp", 10.0, 1, 3) and len(fits) == 2 * 5 + 1
     args.dkm_schedule = "cosine"
